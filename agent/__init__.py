@@ -1,0 +1,1 @@
+"""Strobe: an eBPF continuous-profiling agent."""

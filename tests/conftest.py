@@ -1,0 +1,71 @@
+"""Shared test fixtures. BPF tests need root and a kernel with perf events.
+
+In CI (.ci/run sets STROBE_REQUIRE_BPF=1) a BPF test that cannot run fails instead
+of skipping, so a broken environment can never pass as green.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRE_BPF = os.environ.get("STROBE_REQUIRE_BPF") == "1"
+
+
+def bpf_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "BPF tests need root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError as exc:
+        return f"bcc is not importable: {exc}"
+    return None
+
+
+@pytest.fixture
+def require_bpf() -> None:
+    reason = bpf_unavailable_reason()
+    if reason is None:
+        return
+    if REQUIRE_BPF:
+        pytest.fail(f"STROBE_REQUIRE_BPF=1 but {reason}")
+    pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; in CI its absence is a failure, not a skip."""
+    venv_bin = REPO / ".venv" / "bin" / name
+    path = str(venv_bin) if venv_bin.exists() else shutil.which(name)
+    if path:
+        return path
+    if REQUIRE_BPF:
+        pytest.fail(f"{name} is required in CI; run scripts/setup.sh")
+    pytest.skip(f"{name} not installed (run scripts/setup.sh)")
+
+
+@pytest.fixture(scope="session")
+def c_binaries(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small C programs compiled once per run: PIE, non-PIE, a shared library."""
+    out = tmp_path_factory.mktemp("cbin")
+    src = REPO / "tests" / "data" / "c"
+    gcc = require_tool("gcc")
+    builds = [
+        ["-O0", "-g", "-fno-omit-frame-pointer", "-pie", "-fPIE", "-o", "spin_pie", "spin.c"],
+        ["-O0", "-g", "-fno-omit-frame-pointer", "-no-pie", "-fno-PIE", "-o", "spin_nopie", "spin.c"],
+        ["-O0", "-g", "-fno-omit-frame-pointer", "-shared", "-fPIC", "-o", "libspin.so", "libspin.c"],
+    ]
+    for args in builds:
+        cmd = [gcc, *args[:-1], str(src / args[-1])]
+        cmd[cmd.index("-o") + 1] = str(out / args[args.index("-o") + 1])
+        subprocess.run(cmd, check=True)
+    subprocess.run(
+        [gcc, "-O0", "-g", "-fno-omit-frame-pointer", "-o", str(out / "uses_lib"),
+         str(src / "uses_lib.c"), f"-L{out}", "-lspin", f"-Wl,-rpath,{out}"],
+        check=True,
+    )
+    return out
