@@ -58,7 +58,9 @@ KUBERNETES_UP = _gauge("strobe_kubernetes_api_up", "1 when the Kubernetes pod wa
 # sinks
 PROFILES_WRITTEN = _counter("strobe_profiles_written", "Profiles written, by sink.", ("sink",))
 PROFILE_BYTES = _counter("strobe_profile_bytes", "Bytes of profiles written, by sink.", ("sink",))
-SINK_ERRORS = _counter("strobe_sink_errors", "Sink failures, by sink and reason.", ("sink", "reason"))
+SINK_ERRORS = _counter(
+    "strobe_sink_errors", "Sink failures, by sink and reason.", ("sink", "reason")
+)
 REMOTE_SENT = _counter("strobe_remote_profiles_sent", "Profiles accepted by the remote store.")
 REMOTE_FAILED = _counter(
     "strobe_remote_profiles_failed", "Send attempts that failed, by gRPC code.", ("code",)

@@ -54,18 +54,13 @@ def c_binaries(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cbin")
     src = REPO / "tests" / "data" / "c"
     gcc = require_tool("gcc")
-    builds = [
-        ["-O0", "-g", "-fno-omit-frame-pointer", "-pie", "-fPIE", "-o", "spin_pie", "spin.c"],
-        ["-O0", "-g", "-fno-omit-frame-pointer", "-no-pie", "-fno-PIE", "-o", "spin_nopie", "spin.c"],
-        ["-O0", "-g", "-fno-omit-frame-pointer", "-shared", "-fPIC", "-o", "libspin.so", "libspin.c"],
-    ]
-    for args in builds:
-        cmd = [gcc, *args[:-1], str(src / args[-1])]
-        cmd[cmd.index("-o") + 1] = str(out / args[args.index("-o") + 1])
-        subprocess.run(cmd, check=True)
-    subprocess.run(
-        [gcc, "-O0", "-g", "-fno-omit-frame-pointer", "-o", str(out / "uses_lib"),
-         str(src / "uses_lib.c"), f"-L{out}", "-lspin", f"-Wl,-rpath,{out}"],
-        check=True,
-    )
+    common = ["-O0", "-g", "-fno-omit-frame-pointer"]
+    builds = {
+        "spin_pie": ["-pie", "-fPIE", str(src / "spin.c")],
+        "spin_nopie": ["-no-pie", "-fno-PIE", str(src / "spin.c")],
+        "libspin.so": ["-shared", "-fPIC", str(src / "libspin.c")],
+        "uses_lib": [str(src / "uses_lib.c"), f"-L{out}", "-lspin", f"-Wl,-rpath,{out}"],
+    }
+    for name, args in builds.items():  # libspin.so before uses_lib: dicts keep order
+        subprocess.run([gcc, *common, "-o", str(out / name), *args], check=True)
     return out

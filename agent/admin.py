@@ -1,0 +1,122 @@
+"""The admin HTTP server: /metrics, /healthz, /readyz (and routes added by the daemon).
+
+Binds 127.0.0.1 by default. The daemon refuses a non-loopback bind without a token
+(see agent.daemon.check_http_exposure); when a token is set every route but /healthz
+requires `Authorization: Bearer <token>`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent import metrics
+
+log = logging.getLogger(__name__)
+
+# A route gets the parsed query and returns (status, content type, body).
+Response = tuple[int, str, bytes]
+Route = Callable[[dict[str, list[str]]], Response]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class AdminServer:
+    """A small threaded HTTP server; routes are plain functions."""
+
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self._token = token
+        self._ready = threading.Event()
+        self.routes: dict[str, Route] = {
+            "/metrics": lambda _query: (
+                200,
+                CONTENT_TYPE_LATEST,
+                generate_latest(metrics.REGISTRY),
+            ),
+            "/healthz": lambda _query: (200, "text/plain", b"ok\n"),
+            "/readyz": self._readyz,
+        }
+        host, port = split_address(address)
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="admin-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("admin HTTP listening on %s:%d", self._server.server_address[0], self.port)
+
+    def set_ready(self, ready: bool = True) -> None:
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _readyz(self, _query: dict[str, list[str]]) -> Response:
+        if self._ready.is_set():
+            return 200, "text/plain", b"ready\n"
+        return 503, "text/plain", b"not ready\n"
+
+    def authorized(self, header: str | None, path: str) -> bool:
+        if self._token is None or path == "/healthz":
+            return True
+        expected = f"Bearer {self._token}".encode()
+        return hmac.compare_digest((header or "").encode(), expected)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                url = urlsplit(self.path)
+                route = server.routes.get(url.path)
+                if route is None:
+                    status, ctype, body = 404, "text/plain", b"not found\n"
+                elif not server.authorized(self.headers.get("Authorization"), url.path):
+                    status, ctype, body = 401, "text/plain", b"missing or wrong bearer token\n"
+                else:
+                    try:
+                        status, ctype, body = route(parse_qs(url.query))
+                    except Exception:  # a route bug must not kill the server
+                        log.exception("admin route %s failed", url.path)
+                        status, ctype, body = 500, "text/plain", b"internal error\n"
+                path_label = url.path if route is not None else "other"
+                metrics.HTTP_REQUESTS.labels(path=path_label, status=str(status)).inc()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                log.debug("http: " + format, *args)
+
+        return Handler

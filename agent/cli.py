@@ -1,0 +1,121 @@
+"""Command line: `strobe run`, `strobe record`, `strobe --version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import FrameType
+
+from agent.config import (
+    RECORD,
+    RUN,
+    Config,
+    ConfigError,
+    add_arguments,
+    build_config,
+    parse_duration,
+)
+
+log = logging.getLogger("strobe")
+
+
+def package_version() -> str:
+    try:
+        return version("strobe")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strobe", description="Strobe: an eBPF continuous profiler for Linux."
+    )
+    parser.add_argument("--version", action="version", version=f"strobe {package_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        RUN,
+        help="Run the agent: profile every process, one profile per window.",
+        description="Run the agent: sample every process's on-CPU stacks, symbolize them on "
+        "the node, and write one profile per window to the local store (default) and/or a "
+        "remote store. SIGTERM/SIGINT flush the current window and exit.",
+    )
+    add_arguments(run, RUN)
+    record = commands.add_parser(
+        RECORD,
+        help="Record one profile to a file.",
+        description="Record a single profile of the whole host (or --pid) to a pprof file.",
+    )
+    record.add_argument(
+        "--duration",
+        required=True,
+        metavar="SECONDS",
+        help="How long to sample (e.g. 10, 30s, 2m).",
+    )
+    record.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="Where to write the gzipped pprof profile.",
+    )
+    record.add_argument("--pid", type=int, metavar="PID", help="Profile only this process.")
+    add_arguments(record, RECORD)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def dispatch(args: argparse.Namespace, config: Config) -> int:
+    if args.command == RUN:
+        from agent.daemon import run
+
+        return run(config)
+    from agent.record import record
+
+    duration = parse_duration(args.duration)
+    return record(config, duration, args.output, args.pid, stop=stop_on_signals())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = build_config(args, args.command)
+        setup_logging(config.log_level)
+        return dispatch(args, config)
+    except ConfigError as exc:
+        print(f"strobe: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"strobe: {exc}", file=sys.stderr)
+        return 1
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start on this host; the message says what to do."""

@@ -1,0 +1,363 @@
+"""One typed configuration object, built from defaults < config file < environment < flags.
+
+Every option is declared once in OPTIONS: its flag, type, default and help text. The CLI,
+the config-file loader and the environment loader are generated from that table, so an
+option cannot be parsed and then ignored. Errors name the field and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and its source."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 30, "30", "30s", "5m", "24h", "7d"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", str(value))
+        if not match:
+            raise ValueError(f"expected a duration like 10s, 5m or 24h, got {value!r}")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 1048576, "512MiB", "1G"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in SIZE_UNITS:
+            raise ValueError(f"expected a size like 512MiB or 2GiB, got {value!r}")
+        size = int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if size <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return size
+
+
+def int_in(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not re.fullmatch(r"\s*-?[0-9]+\s*", str(value)):
+            raise ValueError(f"expected an integer, got {value!r}")
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+
+    return convert
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_address(value: Any) -> str:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return str(value)
+
+
+def parse_text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if str(value) not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+def parse_url_list(value: Any) -> tuple[str, ...]:
+    """Space- or comma-separated URLs (DEBUGINFOD_URLS style), or a YAML list."""
+    items = value if isinstance(value, list) else re.split(r"[\s,]+", str(value))
+    urls = tuple(str(item).rstrip("/") for item in items if str(item).strip())
+    for url in urls:
+        if not re.match(r"^https?://", url):
+            raise ValueError(f"expected http:// or https:// URLs, got {url!r}")
+    return urls
+
+
+def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """gRPC headers: a YAML mapping, or "key=value,key2=value2"."""
+    if isinstance(value, dict):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = []
+        for item in filter(None, (part.strip() for part in str(value).split(","))):
+            key, sep, val = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"expected key=value pairs, got {item!r}")
+            pairs.append((key.strip(), val.strip()))
+    for key, _ in pairs:
+        if not re.fullmatch(r"[0-9a-z_.\-]+", key):
+            raise ValueError(f"gRPC header names are lowercase [0-9a-z_.-], got {key!r}")
+    return tuple(pairs)
+
+
+def parse_list_of_mappings(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError("expected a list of mappings")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the Config field; flag is --name-with-dashes, env STROBE_NAME
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    commands: tuple[str, ...] = ("run",)
+    flag: bool = True  # False: config file only (structured values)
+    metavar: str | None = None
+
+
+RUN, RECORD = "run", "record"
+BOTH = (RUN, RECORD)
+
+OPTIONS: tuple[Option, ...] = (
+    Option("frequency", int_in(1, 1000), 19, "Samples per second per CPU.", BOTH, metavar="HZ"),
+    Option(
+        "window",
+        parse_duration,
+        10.0,
+        "Length of one profile window (e.g. 10s).",
+        metavar="DURATION",
+    ),
+    Option(
+        "local_store",
+        parse_text,
+        "/var/lib/strobe/profiles",
+        "Directory of the local profile store (the default sink).",
+        metavar="DIR",
+    ),
+    Option(
+        "local_store_max_bytes",
+        parse_size,
+        1024**3,
+        "Local store retention by total size (e.g. 1GiB).",
+        metavar="SIZE",
+    ),
+    Option(
+        "local_store_max_age",
+        parse_duration,
+        7 * 86400.0,
+        "Local store retention by age (e.g. 7d).",
+        metavar="DURATION",
+    ),
+    Option(
+        "no_local_store",
+        parse_bool,
+        False,
+        "Do not keep profiles locally (needs a remote store).",
+        metavar="BOOL",
+    ),
+    Option(
+        "http_address",
+        parse_address,
+        "127.0.0.1:7071",
+        "Admin HTTP address: /metrics, /healthz, /readyz. Loopback unless a token is set.",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "cache_dir",
+        parse_text,
+        "/var/cache/strobe",
+        "Cache directory (kernel header tree, symbol indexes, downloads).",
+        BOTH,
+        metavar="DIR",
+    ),
+    Option(
+        "node_name",
+        parse_text,
+        "",
+        "Node name label (default: $NODE_NAME or hostname).",
+        BOTH,
+        metavar="NAME",
+    ),
+    Option(
+        "log_level",
+        parse_choice("debug", "info", "warning", "error"),
+        "info",
+        "Log verbosity.",
+        BOTH,
+        metavar="LEVEL",
+    ),
+)
+
+OPTION_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _defaults() -> dict[str, Any]:
+    return {option.name: option.default for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration. Field names match OPTIONS."""
+
+    values: Mapping[str, Any] = field(default_factory=_defaults)
+    sources: Mapping[str, str] = field(default_factory=dict)  # field -> where it came from
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "values")
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def with_values(self, **changes: Any) -> Config:
+        return replace(self, values={**self.values, **changes})
+
+    @property
+    def resolved_node_name(self) -> str:
+        return str(self.values["node_name"] or os.environ.get("NODE_NAME") or socket.gethostname())
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    try:
+        return option.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: {option.name}: {exc}") from None
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file. Keys are option names (dashes or underscores)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of option names to values")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTION_BY_NAME:
+            raise ConfigError(f"config file {path}: {key}: unknown option")
+        out[name] = _convert(OPTION_BY_NAME[name], value, f"config file {path}")
+    return out
+
+
+def load_env(environ: Mapping[str, str], command: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for option in OPTIONS:
+        key = "STROBE_" + option.name.upper()
+        if option.flag and command in option.commands and key in environ:
+            out[option.name] = _convert(option, environ[key], f"environment {key}")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Flags for every option of `command`; all default to None so the file can fill in."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML config file; flags override it, it overrides defaults.",
+    )
+    for option in OPTIONS:
+        if not option.flag or command not in option.commands:
+            continue
+        dest = option.name
+        flag = "--" + option.name.replace("_", "-")
+        help_text = f"{option.help} (default: {_show_default(option)})"
+        if option.parse is parse_bool:
+            parser.add_argument(
+                flag, dest=dest, action="store_const", const=True, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, dest=dest, default=None, metavar=option.metavar, help=help_text
+            )
+
+
+def _show_default(option: Option) -> str:
+    if option.name == "node_name":
+        return "$NODE_NAME or the hostname"
+    return repr(option.default) if option.default not in ("", None) else "none"
+
+
+def build_config(
+    args: argparse.Namespace, command: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    values = _defaults()
+    sources = {name: "default" for name in values}
+    config_path = getattr(args, "config", None)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_path is not None:
+        layers.append(("file", load_file(config_path)))
+    layers.append(("environment", load_env(os.environ if environ is None else environ, command)))
+    flag_values = {}
+    for option in OPTIONS:
+        raw = getattr(args, option.name, None)
+        if raw is not None:
+            flag_values[option.name] = _convert(
+                option, raw, "flag --" + option.name.replace("_", "-")
+            )
+    layers.append(("flag", flag_values))
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    config = Config(values=values, sources=sources)
+    validate(config, command)
+    return config
+
+
+def validate(config: Config, command: str) -> None:
+    """Checks that involve more than one field."""
+    if command == RUN and config.no_local_store and not config.values.get("remote_store_address"):
+        raise ConfigError("no_local_store: needs remote_store_address, or profiles go nowhere")
+
+
+def known_fields() -> set[str]:
+    return {f.name for f in fields(Config)}

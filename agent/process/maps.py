@@ -1,0 +1,70 @@
+"""Pure parsers for /proc/PID/maps and /proc/PID/stat text.
+
+Kept free of I/O so every odd line a host can produce (spaces in paths, deleted
+files, anonymous executable memory, comm with parentheses) is tested directly.
+"""
+
+from __future__ import annotations
+
+from agent.model import Mapping
+
+DELETED_SUFFIX = " (deleted)"
+
+
+def parse_maps_line(line: str) -> Mapping | None:
+    """One maps line -> Mapping, or None when the line is not a mapping.
+
+    The path is everything after the inode column, so paths with spaces survive.
+    A " (deleted)" suffix is removed from file paths: the binary resolver verifies
+    file identity (dev + inode) anyway, and falls back to map_files for deleted files.
+    """
+    parts = line.split(None, 5)
+    if len(parts) < 5:
+        return None
+    address, perms, offset, dev, inode = parts[:5]
+    start_text, dash, end_text = address.partition("-")
+    if not dash:
+        return None
+    try:
+        start, end = int(start_text, 16), int(end_text, 16)
+        file_offset, inode_number = int(offset, 16), int(inode)
+    except ValueError:
+        return None
+    path = parts[5].rstrip("\n").lstrip(" ") if len(parts) == 6 else ""
+    if path.startswith("/") and path.endswith(DELETED_SUFFIX):
+        path = path[: -len(DELETED_SUFFIX)]
+    return Mapping(
+        start=start,
+        end=end,
+        offset=file_offset,
+        path=path,
+        dev=dev,
+        inode=inode_number,
+        perms=perms,
+    )
+
+
+def parse_maps(text: str) -> tuple[Mapping, ...]:
+    """All mappings of a /proc/PID/maps text, in file order (ascending addresses)."""
+    mappings = (parse_maps_line(line) for line in text.splitlines())
+    return tuple(m for m in mappings if m is not None)
+
+
+def parse_stat(text: str) -> tuple[str, int]:
+    """(comm, start_time) from /proc/PID/stat.
+
+    comm sits between the first "(" and the LAST ")" because it may itself contain
+    spaces and parentheses; start_time is field 22 (clock ticks since boot).
+    Raises ValueError on text that is not a stat line.
+    """
+    open_paren = text.find("(")
+    close_paren = text.rfind(")")
+    if open_paren < 0 or close_paren < open_paren:
+        raise ValueError("stat line without (comm)")
+    comm = text[open_paren + 1 : close_paren]
+    # Fields after comm start at field 3 (state); start_time is field 22.
+    rest = text[close_paren + 1 :].split()
+    start_time_index = 22 - 3
+    if len(rest) <= start_time_index:
+        raise ValueError("stat line too short")
+    return comm, int(rest[start_time_index])

@@ -1,0 +1,99 @@
+"""One profiling window, from kernel samples to per-series profiles.
+
+sample (Window) -> resolve process -> symbolize -> label -> build pprof -> SeriesProfile.
+The stages are passed in as small callables so this module is pure glue, testable
+without root; agent/daemon.py and agent/record.py compose the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent import metrics
+from agent.model import Location, ProcessInfo, ProfileSample, SeriesProfile, StackSample, Window
+from agent.pprof.builder import build_pprof
+
+log = logging.getLogger(__name__)
+
+Labels = tuple[tuple[str, str], ...]
+ResolveProcess = Callable[[int], ProcessInfo | None]
+Symbolize = Callable[[ProcessInfo | None, tuple[int, ...], tuple[int, ...]], tuple[Location, ...]]
+# Series labels for a process; None drops its samples (relabel "drop"/"keep").
+SeriesLabels = Callable[[ProcessInfo | None, StackSample], Labels | None]
+
+
+@dataclass(frozen=True)
+class Stages:
+    resolve_process: ResolveProcess
+    symbolize: Symbolize
+    series_labels: SeriesLabels
+
+
+def sample_labels(sample: StackSample, process: ProcessInfo | None) -> Labels:
+    """Per-sample pprof labels: pid and comm. Never series labels (unbounded)."""
+    comm = sample.comm or (process.comm if process else "")
+    return (("comm", comm), ("pid", str(sample.pid)))
+
+
+def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[ProfileSample]]:
+    """Resolve, symbolize and label every stack of the window, grouped by series."""
+    by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
+    for sample in window.samples:
+        process = stages.resolve_process(sample.pid) if sample.pid else None
+        series = stages.series_labels(process, sample)
+        if series is None:
+            continue
+        locations = stages.symbolize(process, sample.user_stack, sample.kernel_stack)
+        if not locations:
+            continue
+        by_series[series].append(
+            ProfileSample(
+                locations=locations,
+                count=sample.count,
+                labels=sample_labels(sample, process),
+                pid=sample.pid,
+            )
+        )
+    return by_series
+
+
+def window_profiles(window: Window, stages: Stages, period_ns: int) -> list[SeriesProfile]:
+    """Turn one drained window into one SeriesProfile per series label set."""
+    started = time.monotonic()
+    duration_ns = max(window.end_ns - window.start_ns, 1)
+    profiles = []
+    for labels, samples in sorted(profile_samples(window, stages).items()):
+        profiles.append(series_profile(labels, samples, window.start_ns, duration_ns, period_ns))
+    metrics.WINDOW_SECONDS.observe(time.monotonic() - started)
+    metrics.WINDOWS.inc()
+    return profiles
+
+
+def series_profile(
+    labels: Labels,
+    samples: Sequence[ProfileSample],
+    start_ns: int,
+    duration_ns: int,
+    period_ns: int,
+) -> SeriesProfile:
+    return SeriesProfile(
+        labels=labels,
+        start_ns=start_ns,
+        duration_ns=duration_ns,
+        period_ns=period_ns,
+        samples=tuple(samples),
+        pprof=build_pprof(samples, start_ns, duration_ns, period_ns),
+    )
+
+
+def merged_profile(profiles: Sequence[SeriesProfile], labels: Labels = ()) -> SeriesProfile | None:
+    """All series of a window as one profile (for `strobe record` and the pull endpoint)."""
+    if not profiles:
+        return None
+    samples = [sample for profile in profiles for sample in profile.samples]
+    first = profiles[0]
+    return series_profile(labels, samples, first.start_ns, first.duration_ns, first.period_ns)
