@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+from agent.config import ConfigError, build_config, parse_duration, parse_size
+
+
+def config_for(argv: list[str], environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    args = build_parser().parse_args(argv)
+    return build_config(args, args.command, environ=environ or {})
+
+
+def test_defaults() -> None:
+    config = config_for(["run"])
+    assert config.frequency == 19
+    assert config.window == 10.0
+    assert config.http_address == "127.0.0.1:7071"
+    assert config.sources["frequency"] == "default"
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "strobe.yaml"
+    file.write_text("frequency: 49\nwindow: 30s\nlocal-store-max-bytes: 2MiB\n")
+    config = config_for(["run", "--config", str(file)], {"STROBE_WINDOW": "1m"})
+    assert config.frequency == 49 and config.sources["frequency"] == "file"
+    assert config.window == 60.0 and config.sources["window"] == "environment"
+    assert config.local_store_max_bytes == 2 * 1024 * 1024
+    flagged = config_for(["run", "--config", str(file), "--frequency", "99"])
+    assert flagged.frequency == 99 and flagged.sources["frequency"] == "flag"
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ("frequency: 0\n", "frequency"),
+        ("frequency: lots\n", "frequency"),
+        ("window: -5s\n", "window"),
+        ("http_address: nope\n", "http_address"),
+        ("local_store_max_bytes: 12 parsecs\n", "local_store_max_bytes"),
+        ("no_such_option: 1\n", "no_such_option"),
+        ("log_level: chatty\n", "log_level"),
+    ],
+)
+def test_bad_file_values_name_the_field(tmp_path: Path, content: str, field: str) -> None:
+    file = tmp_path / "strobe.yaml"
+    file.write_text(content)
+    with pytest.raises(ConfigError, match=field):
+        config_for(["run", "--config", str(file)])
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("frequency: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_for(["run", "--config", str(bad)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_for(["run", "--config", str(tmp_path / "missing.yaml")])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config_for(["run", "--config", str(listy)])
+
+
+def test_bad_flag_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--frequency"):
+        config_for(["run", "--frequency", "100000"])
+
+
+def test_units() -> None:
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration(7) == 7.0
+    assert parse_duration("2d") == 172800.0
+    assert parse_size("1GiB") == 1024**3
+    assert parse_size(4096) == 4096
+    with pytest.raises(ValueError):
+        parse_size("0")
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+def test_every_run_option_has_a_documented_flag() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run_help = subparsers.choices["run"].format_help()
+    from agent.config import OPTIONS
+
+    for option in OPTIONS:
+        if option.flag and "run" in option.commands:
+            assert "--" + option.name.replace("_", "-") in run_help
+            assert option.help.split(".")[0][:20] in run_help.replace("\n", " ").replace("  ", " ")
