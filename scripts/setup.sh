@@ -12,6 +12,7 @@ APT_PACKAGES=(
   golang-go golang-github-google-pprof-dev                 # upstream pprof tool
   prometheus                                               # metrics test
   systemd                                                  # systemd-analyze verify
+  podman buildah runc debootstrap                          # container image test
 )
 
 missing=()
