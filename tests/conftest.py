@@ -59,6 +59,7 @@ def c_binaries(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "spin_pie": ["-pie", "-fPIE", str(src / "spin.c")],
         "spin_nopie": ["-no-pie", "-fno-PIE", str(src / "spin.c")],
         "libspin.so": ["-shared", "-fPIC", str(src / "libspin.c")],
+        "three_leaves": ["-pie", "-fPIE", str(src / "three_leaves.c")],
         "uses_lib": [str(src / "uses_lib.c"), f"-L{out}", "-lspin", f"-Wl,-rpath,{out}"],
     }
     for name, args in builds.items():  # libspin.so before uses_lib: dicts keep order

@@ -1,0 +1,196 @@
+"""The CLI end to end on the real kernel: `strobe record` and `strobe run`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from elftools.elf.elffile import ELFFile
+
+from agent.pprof.builder import parse_pprof
+from tests.conftest import REPO, require_tool
+
+STROBE = [sys.executable, "-m", "agent"]
+
+
+def strobe(
+    *args: str, timeout: float = 120, cache: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if cache is not None:
+        env["STROBE_CACHE_DIR"] = str(cache)
+    return subprocess.run(
+        [*STROBE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def build_id(path: Path) -> str:
+    with path.open("rb") as f:
+        for section in ELFFile(f).iter_sections():
+            if section.header.sh_type == "SHT_NOTE":
+                for note in section.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return str(note["n_desc"])
+    raise AssertionError("no build id")
+
+
+def leaf_functions(profile_path: Path, pid: int) -> tuple[Counter[str], int, int]:
+    """Samples per leaf function for `pid`, and how many of them reach main."""
+    profile = parse_pprof(profile_path.read_bytes())
+    strings = profile.string_table
+    names = {f.id: strings[f.name] for f in profile.function}
+    locations = {loc.id: loc for loc in profile.location}
+    leaves: Counter[str] = Counter()
+    reach_main = total = 0
+    for sample in profile.sample:
+        pids = {lab.num for lab in sample.label if strings[lab.key] == "pid"}
+        if pids != {pid}:
+            continue
+        stack = [
+            names[line.function_id]
+            for loc_id in sample.location_id
+            for line in locations[loc_id].line
+        ]
+        total += sample.value[0]
+        if stack:
+            leaves[stack[0]] += sample.value[0]
+        if "main" in stack:
+            reach_main += sample.value[0]
+    return leaves, reach_main, total
+
+
+def test_version() -> None:
+    result = strobe("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("strobe ")
+
+
+def test_run_help_documents_every_flag() -> None:
+    result = strobe("run", "--help")
+    assert result.returncode == 0
+    for flag in ("--frequency", "--window", "--local-store", "--http-address", "--config"):
+        assert flag in result.stdout
+
+
+def test_record_attributes_leaves_in_proportion(
+    require_bpf: None, c_binaries: Path, tmp_path: Path
+) -> None:
+    workload = subprocess.Popen([str(c_binaries / "three_leaves"), "30"])
+    try:
+        output = tmp_path / "leaves.pb.gz"
+        result = strobe(
+            "record",
+            "--duration",
+            "6",
+            "--frequency",
+            "99",
+            "--pid",
+            str(workload.pid),
+            "--output",
+            str(output),
+            cache=tmp_path / "cache",
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        workload.kill()
+        workload.wait()
+    leaves, reach_main, total = leaf_functions(output, workload.pid)
+    assert total > 200, (total, leaves)
+    known = leaves["leaf_fifty"] + leaves["leaf_thirty"] + leaves["leaf_twenty"]
+    assert known / total > 0.9, leaves
+    for name, share in (("leaf_fifty", 50), ("leaf_thirty", 30), ("leaf_twenty", 20)):
+        assert abs(100 * leaves[name] / known - share) <= 5, leaves
+    assert reach_main / total > 0.9
+    profile = parse_pprof(output.read_bytes())
+    strings = profile.string_table
+    mapping = next(m for m in profile.mapping if strings[m.filename].endswith("three_leaves"))
+    assert strings[mapping.build_id] == build_id(c_binaries / "three_leaves")
+    pprof = require_tool("pprof")
+    env = {**os.environ, "HOME": str(tmp_path), "PPROF_TMPDIR": str(tmp_path)}
+    top = subprocess.run(
+        [pprof, "-symbolize=none", "-top", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert top.returncode == 0, top.stderr
+    assert "leaf_fifty" in top.stdout
+
+
+def test_record_names_kernel_frames(require_bpf: None, tmp_path: Path) -> None:
+    busy = subprocess.Popen(
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=100000000"], stderr=subprocess.DEVNULL
+    )
+    try:
+        output = tmp_path / "kernel.pb.gz"
+        result = strobe(
+            "record",
+            "--duration",
+            "3",
+            "--frequency",
+            "99",
+            "--pid",
+            str(busy.pid),
+            "--output",
+            str(output),
+            cache=tmp_path / "cache",
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        busy.kill()
+        busy.wait()
+    profile = parse_pprof(output.read_bytes())
+    strings = profile.string_table
+    kernel_mappings = {m.id for m in profile.mapping if "kernel" in strings[m.filename]}
+    kernel_names = {strings[f.name] for f in profile.function}
+    kernel_locations = [loc for loc in profile.location if loc.mapping_id in kernel_mappings]
+    assert kernel_locations, "no kernel frames"
+    assert any(
+        name.startswith(("__x64_sys_", "ksys_", "vfs_", "entry_SYSCALL")) for name in kernel_names
+    ), sorted(kernel_names)[:40]
+
+
+def test_run_writes_windows_until_sigterm(require_bpf: None, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = {**os.environ, "STROBE_CACHE_DIR": str(tmp_path / "cache")}
+    agent = subprocess.Popen(
+        [
+            *STROBE,
+            "run",
+            "--window",
+            "2s",
+            "--local-store",
+            str(store),
+            "--http-address",
+            "127.0.0.1:0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(list(store.glob("*.pb.gz"))) < 2:
+            assert agent.poll() is None, agent.communicate()[1]
+            time.sleep(0.5)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, stderr
+    files = sorted(store.glob("*.pb.gz"))
+    assert len(files) >= 2, stderr
+    for file in files:
+        assert parse_pprof(file.read_bytes()).sample, file

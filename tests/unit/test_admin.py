@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from agent import metrics
+from agent.admin import AdminServer, is_loopback
+
+
+@pytest.fixture
+def server() -> Iterator[AdminServer]:
+    admin = AdminServer("127.0.0.1:0")
+    admin.start()
+    yield admin
+    admin.close()
+
+
+def get(admin: AdminServer, path: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{admin.port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_metrics_health_and_readiness(server: AdminServer) -> None:
+    metrics.SAMPLES.inc(3)
+    status, body = get(server, "/metrics")
+    assert status == 200
+    assert b"strobe_samples_total" in body
+    assert get(server, "/healthz") == (200, b"ok\n")
+    assert get(server, "/readyz")[0] == 503
+    server.set_ready()
+    assert get(server, "/readyz")[0] == 200
+    assert get(server, "/nope")[0] == 404
+
+
+def test_token_is_required_when_set() -> None:
+    admin = AdminServer("127.0.0.1:0", token="s3cret")
+    admin.start()
+    try:
+        assert get(admin, "/metrics")[0] == 401
+        assert get(admin, "/metrics", token="wrong")[0] == 401
+        assert get(admin, "/metrics", token="s3cret")[0] == 200
+        assert get(admin, "/healthz")[0] == 200  # liveness probes carry no token
+    finally:
+        admin.close()
+
+
+def test_a_failing_route_answers_500_and_the_server_lives(server: AdminServer) -> None:
+    def broken(_query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        raise RuntimeError("bug")
+
+    server.routes["/broken"] = broken
+    assert get(server, "/broken")[0] == 500
+    assert get(server, "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+        ("example.com", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
