@@ -84,3 +84,6 @@ REMOTE_LAST_SUCCESS = _gauge(
 HTTP_REQUESTS = _counter(
     "strobe_http_requests", "Admin HTTP requests, by path and status.", ("path", "status")
 )
+PULL_REQUESTS = _counter(
+    "strobe_pull_requests", "On-demand profile requests, by result.", ("result",)
+)

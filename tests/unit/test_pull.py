@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import metrics
+from agent.admin import AdminServer
+from agent.model import Frame, Location, Mapping, ProfileSample
+from agent.pprof.builder import build_pprof, parse_pprof
+from agent.pull import PATH, PullEndpoint
+from tests.conftest import require_tool
+
+EXE = Mapping(start=0x400000, end=0x500000, offset=0, path="/usr/bin/app")
+PERIOD_NS = 10_000_000  # 100 Hz
+
+
+def fake_profile(seconds: float, pid: int | None) -> bytes:
+    """A real pprof, as the daemon's capture would give, with the request in the names."""
+    leaf = f"work_for_{seconds:g}s_pid_{pid or 'all'}"
+    samples = [
+        ProfileSample(
+            locations=(
+                Location(0x401100, EXE, frames=(Frame(leaf, "app.c", 12),)),
+                Location(0x401200, EXE, frames=(Frame("main", "app.c", 30),)),
+            ),
+            count=7,
+            labels=(("comm", "app"), ("pid", str(pid or 1))),
+            pid=pid or 1,
+        )
+    ]
+    return build_pprof(samples, time.time_ns(), int(seconds * 1e9), PERIOD_NS)
+
+
+class FakeCapture:
+    """Records its calls; blocks on `release` (when given) so concurrency is deterministic."""
+
+    def __init__(self, release: threading.Event | None = None) -> None:
+        self.calls: list[tuple[float, int | None]] = []
+        self.started = threading.Event()
+        self.release = release
+
+    def __call__(self, seconds: float, pid: int | None) -> bytes:
+        self.calls.append((seconds, pid))
+        self.started.set()
+        if self.release is not None:
+            assert self.release.wait(timeout=30), "test never released the capture"
+        else:
+            time.sleep(0.01)  # a capture takes time; keep it short
+        return fake_profile(seconds, pid)
+
+
+@pytest.fixture
+def server() -> Iterator[AdminServer]:
+    admin = AdminServer("127.0.0.1:0")
+    admin.start()
+    yield admin
+    admin.close()
+
+
+def get(admin: AdminServer, query: str) -> tuple[int, str, bytes]:
+    url = f"http://127.0.0.1:{admin.port}{PATH}{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def pull_count(result: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("strobe_pull_requests_total", {"result": result})
+    return value or 0.0
+
+
+def test_a_profile_is_served_as_gzipped_pprof(server: AdminServer) -> None:
+    capture = FakeCapture()
+    PullEndpoint(capture, max_seconds=60).register(server)
+    before = pull_count("ok")
+    status, ctype, body = get(server, "?seconds=2&pid=1234")
+    assert status == 200
+    assert ctype == "application/octet-stream"
+    assert capture.calls == [(2.0, 1234)]
+    assert body[:2] == b"\x1f\x8b"
+    profile = parse_pprof(body)
+    names = {profile.string_table[f.name] for f in profile.function}
+    assert names == {"work_for_2s_pid_1234", "main"}
+    assert pull_count("ok") == before + 1
+
+
+def test_seconds_defaults_to_30_like_go(server: AdminServer) -> None:
+    capture = FakeCapture()
+    PullEndpoint(capture, max_seconds=60).register(server)
+    assert get(server, "")[0] == 200
+    assert capture.calls == [(30.0, None)]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("?seconds=abc", b"seconds must be a number"),
+        ("?seconds=0", b"<= 45"),
+        ("?seconds=-3", b"<= 45"),
+        ("?seconds=45.5", b"--max-profile-seconds"),
+        ("?seconds=nan", b"<= 45"),
+        ("?seconds=inf", b"<= 45"),
+        ("?seconds=5&pid=abc", b"pid must be an integer"),
+        ("?seconds=5&pid=-1", b"pid must be positive"),
+    ],
+)
+def test_bad_queries_get_400_and_no_capture(
+    server: AdminServer, query: str, message: bytes
+) -> None:
+    capture = FakeCapture()
+    PullEndpoint(capture, max_seconds=45).register(server)
+    before = pull_count("bad_request")
+    status, ctype, body = get(server, query)
+    assert status == 400
+    assert ctype.startswith("text/plain")
+    assert message in body
+    assert capture.calls == []
+    assert pull_count("bad_request") == before + 1
+
+
+def test_a_concurrent_request_gets_429(server: AdminServer) -> None:
+    release = threading.Event()
+    capture = FakeCapture(release)
+    PullEndpoint(capture, max_seconds=60).register(server)
+    first: list[tuple[int, str, bytes]] = []
+    thread = threading.Thread(target=lambda: first.append(get(server, "?seconds=1")))
+    thread.start()
+    try:
+        assert capture.started.wait(timeout=30)
+        busy_before = pull_count("busy")
+        status, _, body = get(server, "?seconds=1")
+        assert status == 429
+        assert b"already" in body
+        assert pull_count("busy") == busy_before + 1
+    finally:
+        release.set()
+        thread.join(timeout=30)
+    assert first and first[0][0] == 200
+    assert len(capture.calls) == 1
+    assert get(server, "?seconds=1")[0] == 200  # the lock was released
+
+
+def test_a_failing_capture_answers_500_and_frees_the_endpoint(server: AdminServer) -> None:
+    calls = 0
+
+    def flaky(seconds: float, pid: int | None) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("sampler is not running")
+        return fake_profile(seconds, pid)
+
+    PullEndpoint(flaky, max_seconds=60).register(server)
+    status, _, body = get(server, "?seconds=1")
+    assert status == 500
+    assert b"sampler is not running" in body
+    assert get(server, "?seconds=1")[0] == 200
+
+
+def test_max_seconds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_seconds"):
+        PullEndpoint(fake_profile, max_seconds=0)
+
+
+def test_upstream_pprof_fetches_and_reads_the_profile(server: AdminServer, tmp_path: Path) -> None:
+    pprof = require_tool("pprof")
+    capture = FakeCapture()
+    PullEndpoint(capture, max_seconds=60).register(server)
+    env = {**os.environ, "HOME": str(tmp_path), "PPROF_TMPDIR": str(tmp_path)}
+    url = f"http://127.0.0.1:{server.port}{PATH}?seconds=1"
+    result = subprocess.run(
+        [pprof, "-symbolize=none", "-top", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert capture.calls == [(1.0, None)]
+    assert "work_for_1s_pid_all" in result.stdout
+    assert "main" in result.stdout
+    assert list(tmp_path.glob("pprof.*.pb.gz"))  # pprof saved what it fetched
