@@ -1,0 +1,141 @@
+"""A bounded cache of processes keyed by pid + start time.
+
+Lifecycle the daemon follows each window:
+    capture(pid)      as early as a process is seen (so it is known even if it exits)
+    get(pid)          while attributing the window's samples (marks it used)
+    get_covering(...) when an address may lie in code mapped after the capture
+    end_window()      after the drain: forgets processes that exited
+A process that exited keeps its entry until a window that used it has ended (or a
+few windows passed without use), so samples drained after its exit are still named.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.metrics import PROCESS_CACHE_SIZE, PROCESS_READ_ERRORS, PROCESSES_SEEN
+from agent.model import ProcessInfo
+from agent.process.reader import PROC, error_reason, read_process, read_start
+
+
+@dataclass
+class _Entry:
+    info: ProcessInfo
+    used_this_window: bool = False
+    refreshed_window: int = -1  # the window in which maps were last re-read
+    dead_windows: int = 0  # windows ended since we found the process gone, unused
+
+
+class ProcessCache:
+    """Processes by pid, each read once per pid + start time; bounded LRU.
+
+    Thread-safe: an exec-event thread may capture while the drain reads.
+    """
+
+    def __init__(self, max_entries: int = 4096, proc: Path = PROC, grace_windows: int = 2) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max_entries = max_entries
+        self._proc = proc
+        self._grace_windows = grace_windows
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._window = 0
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def capture(self, pid: int) -> ProcessInfo | None:
+        """Read pid unless it is already known with the same start time.
+
+        When the process is gone, the last capture (if any) is returned: it is the
+        best knowledge of what ran under this pid.
+        """
+        with self._lock:
+            entry = self._entries.get(pid)
+            try:
+                _, start_time = read_start(pid, self._proc)
+            except (OSError, ValueError) as exc:
+                if entry is None:
+                    PROCESS_READ_ERRORS.labels(reason=error_reason(exc)).inc()
+                    return None
+                return entry.info
+            if entry is not None and entry.info.start_time == start_time:
+                self._entries.move_to_end(pid)
+                return entry.info
+            info = read_process(pid, self._proc)
+            if info is None:
+                return None
+            self._store(pid, _Entry(info))
+            PROCESSES_SEEN.inc()
+            return info
+
+    def get(self, pid: int) -> ProcessInfo | None:
+        """The known process for pid (captured now if unknown); marks it used this window."""
+        with self._lock:
+            entry = self._entries.get(pid)
+            if entry is None:
+                if self.capture(pid) is None:
+                    return None
+                entry = self._entries[pid]
+            entry.used_this_window = True
+            self._entries.move_to_end(pid)
+            return entry.info
+
+    def refresh(self, pid: int) -> ProcessInfo | None:
+        """Re-read pid's mappings (new code was mapped), at most once per window."""
+        with self._lock:
+            entry = self._entries.get(pid)
+            if entry is None:
+                return self.get(pid)
+            if entry.refreshed_window == self._window:
+                return entry.info
+            entry.refreshed_window = self._window
+            info = read_process(pid, self._proc)
+            if info is not None and info.start_time == entry.info.start_time:
+                entry.info = info
+            return entry.info
+
+    def get_covering(self, pid: int, addresses: Iterable[int]) -> ProcessInfo | None:
+        """get(pid), refreshed once per window if an address lies outside all mappings."""
+        info = self.get(pid)
+        if info is None or not info.mappings:
+            return info  # kernel thread, or unknown: nothing to refresh against
+        if all(_is_mapped(info, a) for a in addresses if a):
+            return info
+        return self.refresh(pid)
+
+    def end_window(self) -> None:
+        """Forget processes that exited: at once if this window used them, else after grace."""
+        with self._lock:
+            for pid, entry in list(self._entries.items()):
+                if self._is_alive(pid, entry.info.start_time):
+                    entry.dead_windows = 0
+                elif entry.used_this_window or entry.dead_windows >= self._grace_windows:
+                    del self._entries[pid]
+                else:
+                    entry.dead_windows += 1
+                entry.used_this_window = False
+            self._window += 1
+            PROCESS_CACHE_SIZE.set(len(self._entries))
+
+    def _store(self, pid: int, entry: _Entry) -> None:
+        self._entries[pid] = entry
+        self._entries.move_to_end(pid)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        PROCESS_CACHE_SIZE.set(len(self._entries))
+
+    def _is_alive(self, pid: int, start_time: int) -> bool:
+        try:
+            return read_start(pid, self._proc)[1] == start_time
+        except (OSError, ValueError):
+            return False
+
+
+def _is_mapped(info: ProcessInfo, address: int) -> bool:
+    return any(m.contains(address) for m in info.mappings)

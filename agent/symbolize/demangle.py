@@ -1,0 +1,89 @@
+"""Demangle C++ (Itanium) and legacy Rust symbol names.
+
+Uses libstdc++'s own __cxa_demangle through ctypes (present wherever g++ or any C++
+program is installed) rather than a new dependency. Legacy Rust names are Itanium
+names with `$..$` escapes and a `::h<hash>` suffix, which are cleaned afterwards.
+Anything that is not mangled, or that fails to demangle, comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from typing import Any
+
+_RUST_HASH = re.compile(r"::h[0-9a-f]{16}$")
+_RUST_ESCAPES = {
+    "$SP$": "@",
+    "$BP$": "*",
+    "$RF$": "&",
+    "$LT$": "<",
+    "$GT$": ">",
+    "$LP$": "(",
+    "$RP$": ")",
+    "$C$": ",",
+}
+_RUST_UNICODE = re.compile(r"\$u([0-9a-f]{2,6})\$")
+_RUST_LEADING_UNDERSCORE = re.compile(r"(^|::)_\$")
+_LEGACY_RUST = re.compile(r"^_ZN.*17h[0-9a-f]{16}E$")
+
+
+def _load_cxa_demangle() -> Any:
+    try:
+        libstdcxx = ctypes.CDLL("libstdc++.so.6")
+    except OSError:
+        return None
+    function = libstdcxx.__cxa_demangle
+    function.restype = ctypes.c_void_p  # a malloc'd char*, freed below
+    function.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_int),
+    ]
+    return function
+
+
+_CXA_DEMANGLE = _load_cxa_demangle()
+_LIBC_FREE = ctypes.CDLL(None).free
+_LIBC_FREE.argtypes = [ctypes.c_void_p]
+_LIBC_FREE.restype = None
+
+
+def _itanium(name: str) -> str | None:
+    if _CXA_DEMANGLE is None:
+        return None
+    status = ctypes.c_int(0)
+    result = _CXA_DEMANGLE(name.encode("utf-8", "surrogateescape"), None, None, status)
+    if not result:
+        return None
+    try:
+        text = ctypes.string_at(result)
+    finally:
+        _LIBC_FREE(result)
+    return text.decode("utf-8", "replace") if status.value == 0 else None
+
+
+def _clean_legacy_rust(name: str) -> str:
+    name = _RUST_HASH.sub("", name)
+    name = _RUST_LEADING_UNDERSCORE.sub(r"\1$", name)  # "_$LT$" opens a component as "<"
+    for escape, text in _RUST_ESCAPES.items():
+        name = name.replace(escape, text)
+    name = _RUST_UNICODE.sub(lambda m: chr(int(m.group(1), 16)), name)
+    return name.replace("..", "::")
+
+
+@functools.lru_cache(maxsize=65536)
+def demangle(name: str) -> str:
+    """Readable form of a mangled symbol; unchanged if not mangled or not understood."""
+    if not name.startswith("_Z"):
+        return name
+    # Strip a symbol-version suffix ("@GLIBCXX_3.4") and clone suffixes survive as-is.
+    base, at, version = name.partition("@")
+    readable = _itanium(base)
+    if readable is None:
+        return name
+    if _LEGACY_RUST.match(base):
+        readable = _clean_legacy_rust(readable)
+    return readable + (at + version if at else "")

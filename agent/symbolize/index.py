@@ -1,0 +1,128 @@
+"""One indexed binary: ELF symbols at once, DWARF frames once prepared."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from agent.metrics import BINARY_ERRORS
+from agent.model import Frame
+from agent.symbolize.binaries import OpenedBinary
+from agent.symbolize.debugfiles import find_debug_file
+from agent.symbolize.demangle import demangle
+from agent.symbolize.dwarf import DwarfError, DwarfIndex
+from agent.symbolize.elf import ElfInfo, ElfReadError
+
+log = logging.getLogger(__name__)
+
+MAX_CACHED_FRAMES = 16384  # per binary; hot addresses repeat every window
+
+
+class DwarfState(Enum):
+    PENDING = "pending"  # not indexed yet (or its file was gone when we tried)
+    INDEXING = "indexing"
+    READY = "ready"
+    NONE = "none"  # no DWARF anywhere: ELF symbols are all there is
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """DWARF index and the frames cache that belongs to it, swapped together."""
+
+    dwarf: DwarfIndex | None
+    cache: dict[int, tuple[Frame, ...]] = field(default_factory=dict)
+
+
+class BinaryIndex:
+    """A mapped file's symbols. `frames` is cheap; `index_dwarf` is the slow part."""
+
+    def __init__(self, key: str, elf: ElfInfo, opened: OpenedBinary | None, mapped_path: str):
+        self.key = key
+        self.elf = elf
+        self.opened = opened  # None for the vDSO (no file to index)
+        self.mapped_path = mapped_path
+        self.state = DwarfState.PENDING if opened is not None else DwarfState.NONE
+        self._lookup = _Lookup(None)
+
+    @property
+    def build_id(self) -> str:
+        return self.elf.build_id
+
+    def frames(self, vaddr: int) -> tuple[Frame, ...]:
+        """Frames at an ELF vaddr: DWARF when ready, else the ELF symbol; () if unknown."""
+        lookup = self._lookup  # one read: a concurrent index swap cannot mix the two
+        cached = lookup.cache.get(vaddr)
+        if cached is not None:
+            return cached
+        frames = lookup.dwarf.lookup(vaddr) if lookup.dwarf is not None else ()
+        if not frames:
+            name = self.elf.symbols.lookup(vaddr)
+            frames = (Frame(function=demangle(name)),) if name else ()
+        if len(lookup.cache) >= MAX_CACHED_FRAMES:
+            lookup.cache.clear()
+        lookup.cache[vaddr] = frames
+        return frames
+
+    def index_dwarf(self, debug_dirs: tuple[str, ...]) -> bool:
+        """Build the DWARF index (from a separate debug file when there is one).
+
+        Returns True when an index became ready. Runs outside the sampling loop.
+        """
+        if self.opened is None or not os.path.exists(self.opened.path):
+            self.state = DwarfState.PENDING  # the file went away; a later process may bring it
+            return False
+        source = self._dwarf_source(self.opened, debug_dirs)
+        if source is None:
+            self.state = DwarfState.NONE
+            return False
+        path, load_address = source
+        try:
+            dwarf = DwarfIndex.build(path, load_address)
+        except DwarfError as exc:
+            BINARY_ERRORS.labels(reason="dwarf").inc()
+            log.debug("cannot index %s: %s", path, exc)
+            self.state = DwarfState.FAILED
+            return False
+        self._lookup = _Lookup(dwarf)
+        self.state = DwarfState.READY
+        return True
+
+    def _dwarf_source(
+        self, opened: OpenedBinary, debug_dirs: tuple[str, ...]
+    ) -> tuple[str, int] | None:
+        """(file to index, its first PT_LOAD vaddr): the debug file, else the binary."""
+        roots = [opened.root] if opened.root == Path("/") else [opened.root, Path("/")]
+        debug = find_debug_file(
+            self.mapped_path,
+            self.elf.build_id,
+            self.elf.debuglink,
+            roots,
+            debug_dirs,
+            binary_file=Path(opened.path),
+        )
+        if debug is not None:
+            try:
+                debug_elf = ElfInfo.read(str(debug))
+            except (OSError, ElfReadError):
+                BINARY_ERRORS.labels(reason="debug_file").inc()
+            else:
+                if not debug_elf.build_id or debug_elf.build_id == self.elf.build_id:
+                    return str(debug), debug_elf.load_address
+        if self.elf.has_dwarf:
+            return opened.path, self.elf.load_address
+        return None
+
+
+def vdso_binary(image: bytes) -> BinaryIndex | None:
+    """The vDSO as a BinaryIndex (ELF symbols only: it ships no DWARF)."""
+    try:
+        elf = ElfInfo.from_stream(io.BytesIO(image))
+    except (OSError, ElfReadError):
+        BINARY_ERRORS.labels(reason="vdso").inc()
+        return None
+    return BinaryIndex(f"vdso:{elf.build_id}", elf, None, "[vdso]")

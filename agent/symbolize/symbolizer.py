@@ -1,0 +1,258 @@
+"""The symbolization stage: (process, user stack, kernel stack) -> Locations.
+
+symbolize() is on the sampling path and only does cheap work: it opens a binary
+once (verified identity, ELF symbols) and uses a DWARF index only if one is ready.
+DWARF indexing is the slow part; it happens in prepare(process) or
+prepare_pending(), which a thread beside the sampling loop calls. A window thus
+ships with ELF names at first and with inlined frames, files and lines later.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.metrics import BINARY_ERRORS, FRAMES, SYMBOL_CACHE_BINARIES
+from agent.model import Location, Mapping, ProcessInfo
+from agent.symbolize.binaries import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
+from agent.symbolize.debugfiles import DEFAULT_DEBUG_DIRS
+from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id, runtime_to_elf_vaddr
+from agent.symbolize.index import BinaryIndex, DwarfState, vdso_binary
+from agent.symbolize.kallsyms import Kallsyms
+
+FileIdentity = tuple[str, int, str]  # mapping dev, inode, path
+
+
+class Symbolizer:
+    """Names addresses. Thread-safe: symbolize() and prepare*() may run concurrently.
+
+    Binaries are cached by build id (dev + inode + mtime + size without one), at most
+    max_binaries of them, least recently used out. A binary that cannot be opened or
+    parsed is counted in strobe_binary_errors{reason} and retried after retry_seconds.
+    """
+
+    def __init__(
+        self,
+        kallsyms: Kallsyms | None = None,
+        max_binaries: int = 256,
+        debug_dirs: Sequence[str] = DEFAULT_DEBUG_DIRS,
+        proc: Path = PROC,
+        retry_seconds: float = 60.0,
+    ) -> None:
+        if max_binaries < 1:
+            raise ValueError("max_binaries must be at least 1")
+        self._kallsyms = kallsyms
+        self._max_binaries = max_binaries
+        self._debug_dirs = tuple(str(d) for d in debug_dirs)
+        self._proc = proc
+        self._retry_seconds = retry_seconds
+        self._lock = threading.Lock()
+        self._binaries: OrderedDict[str, BinaryIndex] = OrderedDict()
+        self._files: OrderedDict[FileIdentity, str | float] = OrderedDict()  # key or failed-at
+        self._pending: OrderedDict[str, None] = OrderedDict()  # keys awaiting DWARF
+        self._mapping_starts: OrderedDict[int, tuple[tuple[Mapping, ...], list[int]]] = (
+            OrderedDict()
+        )
+        self._vdso: tuple[BinaryIndex | None, int] | None = None  # (index, image size)
+
+    # --- the sampling path -------------------------------------------------------
+
+    def symbolize(
+        self,
+        process: ProcessInfo | None,
+        user_stack: tuple[int, ...],
+        kernel_stack: tuple[int, ...],
+    ) -> tuple[Location, ...]:
+        """Locations innermost first: the kernel frames (kernel=True), then the user ones.
+
+        Never raises for what a host contains; an unnamed frame keeps its address,
+        mapping and (when known) build id, with no frames.
+        """
+        return self.symbolize_kernel(kernel_stack) + self.symbolize_user(process, user_stack)
+
+    def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Location, ...]:
+        locations = []
+        for depth, address in enumerate(addresses):
+            lookup = address if depth == 0 else address - 1  # return address -> the call
+            frame = self._kallsyms.lookup(lookup) if self._kallsyms is not None else None
+            FRAMES.labels(kind="kernel", result="hit" if frame else "miss").inc()
+            frames = (frame,) if frame else ()
+            locations.append(Location(address=address, mapping=None, frames=frames, kernel=True))
+        return tuple(locations)
+
+    def symbolize_user(
+        self, process: ProcessInfo | None, addresses: Sequence[int]
+    ) -> tuple[Location, ...]:
+        """User frames; all but the first are return addresses, looked up at address - 1."""
+        return tuple(
+            self.symbolize_address(process, address, return_address=depth > 0)
+            for depth, address in enumerate(addresses)
+        )
+
+    def symbolize_address(
+        self, process: ProcessInfo | None, address: int, return_address: bool = False
+    ) -> Location:
+        """One user address. Location.address stays the address given."""
+        lookup = address - 1 if return_address else address
+        mapping = self._find_mapping(process, lookup) if process is not None else None
+        if process is None or mapping is None:
+            FRAMES.labels(kind="user", result="miss").inc()
+            return Location(address=address, mapping=mapping)
+        binary = self._binary_for(process.pid, mapping)
+        if binary is None:
+            FRAMES.labels(kind="user", result="miss").inc()
+            return Location(address=address, mapping=mapping)
+        vaddr = runtime_to_elf_vaddr(lookup, mapping, binary.elf.loads)
+        frames = binary.frames(vaddr) if vaddr is not None else ()
+        FRAMES.labels(kind="user", result="hit" if frames else "miss").inc()
+        return Location(address=address, mapping=mapping, build_id=binary.build_id, frames=frames)
+
+    # --- the slow path, beside the sampling loop ---------------------------------
+
+    def prepare(self, process: ProcessInfo) -> int:
+        """Open every binary `process` maps and build the DWARF indexes still missing.
+
+        Returns how many indexes became ready. Slow (DWARF); never call it from the
+        sampling loop.
+        """
+        ready = 0
+        seen: set[str] = set()
+        for mapping in process.mappings:
+            binary = self._binary_for(process.pid, mapping)
+            if binary is None or binary.key in seen:
+                continue
+            seen.add(binary.key)
+            if binary.state is DwarfState.PENDING:
+                self._reopen_if_gone(binary, process.pid, mapping)
+                ready += self._index(binary)
+        return ready
+
+    def prepare_pending(self, limit: int | None = None) -> int:
+        """Index binaries that symbolize() met without a DWARF index; returns how many."""
+        ready = 0
+        while limit is None or limit > 0:
+            with self._lock:
+                if not self._pending:
+                    break
+                key, _ = self._pending.popitem(last=False)
+                binary = self._binaries.get(key)
+            if binary is not None:
+                ready += self._index(binary)
+            if limit is not None:
+                limit -= 1
+        return ready
+
+    def pending(self) -> int:
+        """How many binaries wait for prepare_pending()."""
+        return len(self._pending)
+
+    def binary_count(self) -> int:
+        return len(self._binaries)
+
+    # --- internals -----------------------------------------------------------------
+
+    def _index(self, binary: BinaryIndex) -> int:
+        with self._lock:
+            if binary.state is not DwarfState.PENDING:
+                return 0
+            binary.state = DwarfState.INDEXING
+        return 1 if binary.index_dwarf(self._debug_dirs) else 0
+
+    def _reopen_if_gone(self, binary: BinaryIndex, pid: int, mapping: Mapping) -> None:
+        # The path stored at first sight may belong to a process that has exited.
+        if binary.opened is None or Path(binary.opened.path).exists():
+            return
+        opened = open_mapped_file(pid, mapping, self._proc)
+        if opened is not None:
+            binary.opened = opened
+            binary.mapped_path = mapping.path
+
+    def _find_mapping(self, process: ProcessInfo, address: int) -> Mapping | None:
+        mappings = process.mappings
+        with self._lock:
+            entry = self._mapping_starts.get(id(mappings))
+            if entry is None or entry[0] is not mappings:
+                entry = (mappings, [m.start for m in mappings])
+                self._mapping_starts[id(mappings)] = entry
+                if len(self._mapping_starts) > 1024:
+                    self._mapping_starts.popitem(last=False)
+        index = bisect.bisect_right(entry[1], address) - 1
+        if index >= 0 and mappings[index].contains(address):
+            return mappings[index]
+        return None
+
+    def _binary_for(self, pid: int, mapping: Mapping) -> BinaryIndex | None:
+        """The cached index for a mapping's file, opening and verifying it on first sight."""
+        if mapping.path == VDSO:
+            return self._vdso_for(mapping)
+        if not mapping.path.startswith("/"):
+            return None  # anonymous (JIT) or special memory: nothing to read
+        identity = (mapping.dev, mapping.inode, mapping.path)
+        with self._lock:
+            known = self._files.get(identity)
+            if isinstance(known, str) and known in self._binaries:
+                self._files.move_to_end(identity)
+                self._binaries.move_to_end(known)
+                return self._binaries[known]
+            if isinstance(known, float) and time.monotonic() - known < self._retry_seconds:
+                return None
+        binary = self._open(pid, mapping)
+        with self._lock:
+            self._files[identity] = binary.key if binary is not None else time.monotonic()
+            self._files.move_to_end(identity)
+            while len(self._files) > self._max_binaries * 8:
+                self._files.popitem(last=False)
+        return binary
+
+    def _open(self, pid: int, mapping: Mapping) -> BinaryIndex | None:
+        opened = open_mapped_file(pid, mapping, self._proc)
+        if opened is None:
+            BINARY_ERRORS.labels(reason="not_found").inc()
+            return None
+        build_id = read_build_id(opened.path)
+        key = f"build:{build_id}" if build_id else opened.file_key
+        with self._lock:
+            if key in self._binaries:
+                return self._binaries[key]
+        elf = self._read_elf(opened)
+        if elf is None:
+            return None
+        return self._add(BinaryIndex(key, elf, opened, mapping.path))
+
+    def _read_elf(self, opened: OpenedBinary) -> ElfInfo | None:
+        try:
+            return ElfInfo.read(opened.path)
+        except ElfReadError:
+            BINARY_ERRORS.labels(reason="malformed").inc()
+        except PermissionError:
+            BINARY_ERRORS.labels(reason="permission").inc()
+        except OSError:
+            BINARY_ERRORS.labels(reason="unreadable").inc()
+        return None
+
+    def _add(self, binary: BinaryIndex) -> BinaryIndex:
+        with self._lock:
+            existing = self._binaries.get(binary.key)
+            if existing is not None:  # another thread opened it meanwhile
+                return existing
+            self._binaries[binary.key] = binary
+            if binary.state is DwarfState.PENDING:
+                self._pending[binary.key] = None
+            while len(self._binaries) > self._max_binaries:
+                evicted, _ = self._binaries.popitem(last=False)
+                self._pending.pop(evicted, None)
+            SYMBOL_CACHE_BINARIES.set(len(self._binaries))
+        return binary
+
+    def _vdso_for(self, mapping: Mapping) -> BinaryIndex | None:
+        if self._vdso is None:
+            image = own_vdso()
+            binary = vdso_binary(image) if image else None
+            self._vdso = (binary, len(image) if image else 0)
+        binary, size = self._vdso
+        # A 32-bit process maps another vDSO image: only trust one of our size.
+        return binary if mapping.end - mapping.start == size else None
