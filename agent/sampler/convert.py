@@ -1,0 +1,121 @@
+"""Pure conversions from raw BPF map contents to the pipeline's value types.
+
+No bcc and no kernel here: the loader hands over plain `RawCount`s, stack address
+lists and counter values, and these functions turn them into `StackSample`s and
+loss deltas. Unit-tested without root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from agent.model import StackSample
+
+# Index order of the BPF `lost` array (enum lost_reason in bpf/profile.bpf.c).
+LOST_REASONS = (
+    "counts_map_full",  # a sample was dropped: the counts map had no room for a new key
+    "user_stack_collision",  # sample kept without its user stack (stack map bucket taken)
+    "user_stack_error",  # sample kept without its user stack (other walk error)
+    "kernel_stack_collision",
+    "kernel_stack_error",
+    "pid_event_dropped",  # a new-pid event did not fit in the ring buffer (not a sample)
+)
+# The reasons that concern samples (Window.lost, strobe_samples_lost).
+SAMPLE_LOSS_REASONS = LOST_REASONS[:5]
+
+EVENT_FIRST_SAMPLE = 0
+EVENT_EXEC = 1
+
+
+@dataclass(frozen=True)
+class RawCount:
+    """One entry of the BPF counts map, decoded to plain values."""
+
+    slot: int
+    pid: int
+    user_stack_id: int  # < 0 means no user stack (-errno)
+    kernel_stack_id: int
+    comm: bytes  # NUL-padded, as the kernel wrote it
+    count: int
+    tid: int
+
+
+@dataclass(frozen=True)
+class PidEvent:
+    """A process the sampler saw for the first time, or that called exec."""
+
+    pid: int
+    kind: int  # EVENT_FIRST_SAMPLE or EVENT_EXEC
+
+
+def decode_comm(raw: bytes) -> str:
+    """A task name from its NUL-padded kernel buffer."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def stack_addresses(ips: Iterable[int]) -> tuple[int, ...]:
+    """The addresses of one stack-map entry, innermost first, up to the first 0."""
+    addresses = []
+    for ip in ips:
+        if ip == 0:
+            break
+        addresses.append(ip)
+    return tuple(addresses)
+
+
+def entries_of_slot(entries: Iterable[RawCount], slot: int) -> list[RawCount]:
+    return [entry for entry in entries if entry.slot == slot]
+
+
+def to_stack_samples(
+    entries: Iterable[RawCount], stacks: Mapping[int, tuple[int, ...]]
+) -> tuple[StackSample, ...]:
+    """Resolve stack ids and merge entries that end up with the same stack.
+
+    Negative ids (errors, or no stack of that kind) and ids missing from `stacks`
+    resolve to an empty stack. Entries that differ only in their error code merge.
+    Result order: most samples first, then by pid, so output is deterministic.
+    """
+    merged: dict[tuple[int, str, tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for entry in entries:
+        if entry.count <= 0:
+            continue
+        key = (
+            entry.pid,
+            decode_comm(entry.comm),
+            _resolve(entry.user_stack_id, stacks),
+            _resolve(entry.kernel_stack_id, stacks),
+        )
+        total_and_tid = merged.setdefault(key, [0, entry.tid])
+        total_and_tid[0] += entry.count
+    samples = [
+        StackSample(pid=pid, tid=tid, comm=comm, user_stack=user, kernel_stack=kernel, count=n)
+        for (pid, comm, user, kernel), (n, tid) in merged.items()
+    ]
+    samples.sort(key=lambda s: (-s.count, s.pid, s.comm, s.user_stack, s.kernel_stack))
+    return tuple(samples)
+
+
+def _resolve(stack_id: int, stacks: Mapping[int, tuple[int, ...]]) -> tuple[int, ...]:
+    return stacks.get(stack_id, ()) if stack_id >= 0 else ()
+
+
+def lost_deltas(previous: Sequence[int], current: Sequence[int]) -> dict[str, int]:
+    """Per-reason increase of the BPF loss counters between two reads.
+
+    The kernel counters only grow; a decrease (counters recreated) counts as 0.
+    """
+    return {
+        reason: max(0, now - (previous[i] if i < len(previous) else 0))
+        for i, (reason, now) in enumerate(zip(LOST_REASONS, current, strict=False))
+    }
+
+
+def new_pids(events: Iterable[PidEvent]) -> list[int]:
+    """Distinct pids of `events`, in the order they first appear."""
+    return list(dict.fromkeys(event.pid for event in events))
+
+
+def fill_ratio(entries: int, capacity: int) -> float:
+    return entries / capacity if capacity > 0 else 0.0

@@ -1,0 +1,198 @@
+"""Compile and load bpf/profile.bpf.c with bcc. The only module that imports bcc.
+
+`load_sampler_program` returns a `SamplerProgram`: a narrow handle (attach, set the
+slot and pid filter, read/delete map entries as plain values, poll pid events,
+close). The rest of the sampler sees only this handle, so compilation can later move
+into a short-lived child process (LLVM costs ~100 MB RSS) without touching it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.sampler.convert import LOST_REASONS, PidEvent, RawCount, stack_addresses
+from agent.sampler.kernel_headers import HeaderChoice, find_kernel_headers
+
+log = logging.getLogger(__name__)
+
+_REPO_BPF = Path(__file__).resolve().parents[2] / "bpf" / "profile.bpf.c"
+_PACKAGED_BPF = Path(__file__).resolve().parents[1] / "bpf" / "profile.bpf.c"
+
+CONTROL_SLOT = 0  # enum control_index in the BPF program
+CONTROL_PID_FILTER = 1
+DEFAULT_COUNTS_ENTRIES = 16384
+DEFAULT_STACK_ENTRIES = 16384  # per slot; a stack-map entry is ~1 KiB (127 frames)
+SEEN_ENTRIES = 65536
+EVENT_PAGES = 64  # ring buffer of 256 KiB: ~16k pid events between polls
+
+
+class _PidEventStruct(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+
+
+def bpf_source_path() -> Path:
+    """bpf/profile.bpf.c of a source checkout, or agent/bpf/ when installed as a package."""
+    return _PACKAGED_BPF if _PACKAGED_BPF.is_file() else _REPO_BPF
+
+
+def load_sampler_program(
+    frequency: int,
+    pid_filter: int | None = None,
+    *,
+    counts_entries: int = DEFAULT_COUNTS_ENTRIES,
+    stack_entries: int = DEFAULT_STACK_ENTRIES,
+    headers: HeaderChoice | None = None,
+) -> SamplerProgram:
+    """Compile and load the sampler (not attached yet; call `attach()`).
+
+    Raises KernelHeadersError when no headers are usable, and bcc's exceptions when
+    the kernel refuses the program.
+    """
+    if frequency <= 0:
+        raise ValueError(f"sampling frequency must be positive, got {frequency}")
+    headers = headers or find_kernel_headers()
+    cflags = [
+        f"-DCOUNTS_ENTRIES={counts_entries}",
+        f"-DSTACK_ENTRIES={stack_entries}",
+        f"-DSEEN_ENTRIES={SEEN_ENTRIES}",
+        f"-DEVENT_PAGES={EVENT_PAGES}",
+    ]
+    source = bpf_source_path().read_text()
+    with _environment(headers.bcc_environment()):
+        from bcc import BPF  # heavy (LLVM): imported only when compiling
+
+        bpf = BPF(text=source, cflags=cflags)
+    program = SamplerProgram(bpf, frequency, counts_entries, stack_entries)
+    program.set_pid_filter(pid_filter)
+    return program
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a compile (bcc reads getenv)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+class SamplerProgram:
+    """The loaded BPF sampler: maps as plain values, attach/detach, pid events."""
+
+    def __init__(self, bpf: Any, frequency: int, counts_entries: int, stack_entries: int):
+        self._bpf = bpf
+        self.frequency = frequency
+        self.counts_capacity = counts_entries
+        self.stacks_capacity = stack_entries
+        self._counts = bpf["counts"]
+        self._stacks = (bpf["stacks0"], bpf["stacks1"])
+        self._control = bpf["control"]
+        self._lost = bpf["lost"]
+        self._events: list[PidEvent] = []
+        self._ring_open = False
+        self._closed = False
+
+    def attach(self) -> None:
+        """Start sampling every online CPU and watching exec/exit. Call once."""
+        from bcc import PerfSWConfig, PerfType
+
+        self._bpf["pid_events"].open_ring_buffer(self._on_pid_event)
+        self._ring_open = True
+        # Raw tracepoints: unlike tracepoints they need no mounted tracefs.
+        self._bpf.attach_raw_tracepoint(tp=b"sched_process_exec", fn_name=b"on_exec")
+        self._bpf.attach_raw_tracepoint(tp=b"sched_process_exit", fn_name=b"on_exit")
+        self._bpf.attach_perf_event(
+            ev_type=PerfType.SOFTWARE,
+            ev_config=PerfSWConfig.CPU_CLOCK,
+            fn_name=b"on_cpu_clock",
+            sample_freq=self.frequency,
+            cpu=-1,
+        )
+        log.info("sampler attached: cpu-clock at %d Hz on every online CPU", self.frequency)
+
+    def set_slot(self, slot: int) -> None:
+        self._set_control(CONTROL_SLOT, slot & 1)
+
+    def set_pid_filter(self, pid: int | None) -> None:
+        self._set_control(CONTROL_PID_FILTER, pid or 0)
+
+    def _set_control(self, index: int, value: int) -> None:
+        self._control[ctypes.c_int(index)] = ctypes.c_uint32(value)
+
+    def read_counts(self) -> list[RawCount]:
+        """Every entry of the counts map (both slots)."""
+        return [_raw_count(key, value) for key, value in self._counts.items()]
+
+    def delete_counts(self, entries: Sequence[RawCount]) -> None:
+        for entry in entries:
+            key = self._counts.Key(
+                entry.slot, entry.pid, entry.user_stack_id, entry.kernel_stack_id, entry.comm
+            )
+            with contextlib.suppress(KeyError):
+                del self._counts[key]
+
+    def read_stacks(self, slot: int) -> dict[int, tuple[int, ...]]:
+        """Every stack of the slot's stack map: id -> addresses, innermost first."""
+        table = self._stacks[slot & 1]
+        stacks = {}
+        for key in list(table.keys()):
+            with contextlib.suppress(KeyError):
+                stacks[key.value] = stack_addresses(table[key].ip)
+        return stacks
+
+    def delete_stacks(self, slot: int, stack_ids: Sequence[int]) -> None:
+        table = self._stacks[slot & 1]
+        for stack_id in stack_ids:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(stack_id)]
+
+    def read_lost(self) -> tuple[int, ...]:
+        """Cumulative loss counters (summed over CPUs), in LOST_REASONS order."""
+        return tuple(int(self._lost.sum(i).value) for i in range(len(LOST_REASONS)))
+
+    def poll_pid_events(self, timeout_ms: int = 0) -> list[PidEvent]:
+        """Pid events since the last call; waits up to timeout_ms for the first one."""
+        if not self._ring_open or self._closed:
+            return []
+        if timeout_ms > 0:
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.ring_buffer_consume()
+        events, self._events = self._events, []
+        return events
+
+    def _on_pid_event(self, _ctx: Any, data: Any, _size: int) -> int:
+        event = ctypes.cast(data, ctypes.POINTER(_PidEventStruct)).contents
+        self._events.append(PidEvent(pid=int(event.pid), kind=int(event.kind)))
+        return 0
+
+    def close(self) -> None:
+        """Detach everything and free the maps. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._bpf.cleanup()
+
+
+def _raw_count(key: Any, value: Any) -> RawCount:
+    return RawCount(
+        slot=int(key.slot),
+        pid=int(key.pid),
+        user_stack_id=int(key.user_stack_id),
+        kernel_stack_id=int(key.kernel_stack_id),
+        comm=bytes(key.comm),
+        count=int(value.count),
+        tid=int(value.tid),
+    )
