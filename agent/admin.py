@@ -21,8 +21,9 @@ from agent import metrics
 
 log = logging.getLogger(__name__)
 
-# A route gets the parsed query and returns (status, content type, body).
-Response = tuple[int, str, bytes]
+# A route gets the parsed query and returns (status, content type, body), or that plus
+# extra response headers.
+Response = tuple[int, str, bytes] | tuple[int, str, bytes, dict[str, str]]
 Route = Callable[[dict[str, list[str]]], Response]
 
 
@@ -98,13 +99,16 @@ class AdminServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 url = urlsplit(self.path)
                 route = server.routes.get(url.path)
+                headers: dict[str, str] = {}
                 if route is None:
                     status, ctype, body = 404, "text/plain", b"not found\n"
                 elif not server.authorized(self.headers.get("Authorization"), url.path):
                     status, ctype, body = 401, "text/plain", b"missing or wrong bearer token\n"
                 else:
                     try:
-                        status, ctype, body = route(parse_qs(url.query))
+                        response = route(parse_qs(url.query))
+                        status, ctype, body = response[:3]
+                        headers = response[3] if len(response) > 3 else {}
                     except Exception:  # a route bug must not kill the server
                         log.exception("admin route %s failed", url.path)
                         status, ctype, body = 500, "text/plain", b"internal error\n"
@@ -113,6 +117,8 @@ class AdminServer:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 

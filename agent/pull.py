@@ -100,7 +100,7 @@ class PullEndpoint:
             return self._answer("error", text(500, f"profile capture failed: {exc}"))
         finally:
             self._busy.release()
-        return self._answer("ok", (200, PROFILE_CONTENT_TYPE, data))
+        return self._answer("ok", (200, PROFILE_CONTENT_TYPE, data, PROFILE_HEADERS))
 
     @staticmethod
     def _answer(result: str, response: Response) -> Response:

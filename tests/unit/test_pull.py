@@ -190,3 +190,11 @@ def test_upstream_pprof_fetches_and_reads_the_profile(server: AdminServer, tmp_p
     assert "work_for_1s_pid_all" in result.stdout
     assert "main" in result.stdout
     assert list(tmp_path.glob("pprof.*.pb.gz"))  # pprof saved what it fetched
+
+
+def test_a_profile_is_served_as_an_attachment_like_go(server: AdminServer) -> None:
+    PullEndpoint(FakeCapture(), max_seconds=60).register(server)
+    url = f"http://127.0.0.1:{server.port}{PATH}?seconds=1"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.headers["Content-Disposition"] == 'attachment; filename="profile"'
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
