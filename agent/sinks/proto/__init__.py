@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code for Parca's profile store (see profilestore.proto)."""
