@@ -67,7 +67,7 @@ def load_sampler_program(
     with _environment(headers.bcc_environment()):
         from bcc import BPF  # heavy (LLVM): imported only when compiling
 
-        bpf = BPF(text=source, cflags=cflags)
+        bpf = BPF(text=source.encode(), cflags=cflags)
     program = SamplerProgram(bpf, frequency, counts_entries, stack_entries)
     program.set_pid_filter(pid_filter)
     return program
@@ -96,10 +96,10 @@ class SamplerProgram:
         self.frequency = frequency
         self.counts_capacity = counts_entries
         self.stacks_capacity = stack_entries
-        self._counts = bpf["counts"]
-        self._stacks = (bpf["stacks0"], bpf["stacks1"])
-        self._control = bpf["control"]
-        self._lost = bpf["lost"]
+        self._counts = bpf[b"counts"]
+        self._stacks = (bpf[b"stacks0"], bpf[b"stacks1"])
+        self._control = bpf[b"control"]
+        self._lost = bpf[b"lost"]
         self._events: list[PidEvent] = []
         self._ring_open = False
         self._closed = False
@@ -108,7 +108,7 @@ class SamplerProgram:
         """Start sampling every online CPU and watching exec/exit. Call once."""
         from bcc import PerfSWConfig, PerfType
 
-        self._bpf["pid_events"].open_ring_buffer(self._on_pid_event)
+        self._bpf[b"pid_events"].open_ring_buffer(self._on_pid_event)
         self._ring_open = True
         # Raw tracepoints: unlike tracepoints they need no mounted tracefs.
         self._bpf.attach_raw_tracepoint(tp=b"sched_process_exec", fn_name=b"on_exec")
