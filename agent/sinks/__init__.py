@@ -1,0 +1,25 @@
+"""Where finished profiles go: the local store (default), remote stores.
+
+Every sink takes whole SeriesProfiles, one call per profile, from the window loop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from agent.model import SeriesProfile
+
+
+class Sink(Protocol):
+    """A destination for profiles. `name` is the `sink` label of the sink metrics."""
+
+    name: str
+
+    def write(self, profile: SeriesProfile) -> object:
+        """Store or ship one profile. Must not block the window loop for long; what it
+        returns (e.g. the file written) is informational and callers may ignore it."""
+        ...
+
+    def close(self) -> None:
+        """Flush what can be flushed and release resources; later writes are an error."""
+        ...
