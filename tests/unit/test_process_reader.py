@@ -1,0 +1,171 @@
+"""read_process and ProcessCache against real processes (and a fake /proc for pid reuse)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.metrics import PROCESS_READ_ERRORS, PROCESSES_SEEN
+from agent.process.cache import ProcessCache
+from agent.process.reader import read_process
+from tests.symbolize.helpers import exited_pid, running
+
+
+def counter(metric: object, **labels: str) -> float:
+    child = metric.labels(**labels) if labels else metric  # type: ignore[attr-defined]
+    return float(child._value.get())
+
+
+def test_reads_this_process() -> None:
+    info = read_process(os.getpid())
+    assert info is not None
+    assert info.pid == os.getpid()
+    assert info.exe == os.path.realpath(sys.executable)
+    assert info.comm == Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert info.start_time > 0
+    assert any("pytest" in arg for arg in info.cmdline)
+    assert info.mappings, "a running interpreter maps executable code"
+    assert all("x" in m.perms for m in info.mappings)
+    assert any(m.path == info.exe for m in info.mappings)
+    assert [m.start for m in info.mappings] == sorted(m.start for m in info.mappings)
+
+
+def test_exited_process_gives_none_and_counts_vanished() -> None:
+    before = counter(PROCESS_READ_ERRORS, reason="vanished")
+    assert read_process(exited_pid()) is None
+    assert counter(PROCESS_READ_ERRORS, reason="vanished") == before + 1
+
+
+def test_kernel_thread_has_no_mappings() -> None:
+    info = read_process(2)  # kthreadd
+    if info is None:
+        pytest.skip("pid 2 is not visible in this pid namespace")
+    assert info.mappings == () and info.exe == ""
+
+
+def test_a_child_process_exe_and_start_time(c_binaries: Path) -> None:
+    binary = c_binaries / "spin_pie"
+    with running([str(binary), "60"], mapped=str(binary)) as pid:
+        info = read_process(pid)
+        assert info is not None
+        assert info.exe == str(binary) and info.comm == "spin_pie"
+        assert info.cmdline == (str(binary), "60")
+        assert any(m.path == str(binary) for m in info.mappings)
+        own = read_process(os.getpid())
+        assert own is not None and info.start_time >= own.start_time
+
+
+def fake_proc(root: Path, pid: int, start_time: int, comm: str, maps: str) -> None:
+    """A /proc/PID directory with the files read_process reads."""
+    directory = root / str(pid)
+    directory.mkdir(parents=True, exist_ok=True)
+    fields = " ".join(["S"] + ["0"] * 18 + [str(start_time), "0", "0"])
+    (directory / "stat").write_text(f"{pid} ({comm}) {fields}\n")
+    (directory / "maps").write_text(maps)
+    (directory / "cmdline").write_text(f"{comm}\0")
+
+
+MAPS_A = "1000-2000 r-xp 00000000 fe:00 11 /bin/a\n"
+MAPS_B = "1000-2000 r-xp 00000000 fe:00 22 /bin/b\n"
+
+
+def test_cache_reads_once_per_pid_and_start_time(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    seen = counter(PROCESSES_SEEN)
+    first = cache.capture(7)
+    assert first is not None and first.mappings[0].path == "/bin/a"
+    (tmp_path / "7" / "maps").write_text(MAPS_B)  # same process: no re-read
+    assert cache.capture(7) is first
+    assert cache.get(7) is first
+    assert counter(PROCESSES_SEEN) == seen + 1
+
+
+def test_cache_rereads_a_reused_pid(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    assert cache.capture(7) is not None
+    fake_proc(tmp_path, 7, 250, "b", MAPS_B)  # a new process got pid 7
+    info = cache.capture(7)
+    assert info is not None
+    assert (info.comm, info.start_time, info.mappings[0].path) == ("b", 250, "/bin/b")
+
+
+def test_exited_process_is_kept_until_a_window_used_it(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path, grace_windows=2)
+    assert cache.capture(7) is not None
+    for path in (tmp_path / "7").iterdir():
+        path.unlink()
+    (tmp_path / "7").rmdir()  # the process exited before the drain
+    info = cache.get(7)  # the drain still attributes its samples
+    assert info is not None and info.comm == "a"
+    cache.end_window()  # used in this window and gone: forgotten
+    assert len(cache) == 0
+    assert cache.get(7) is None
+
+
+def test_exited_unused_process_is_forgotten_after_grace(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 8, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path, grace_windows=1)
+    assert cache.capture(8) is not None
+    (tmp_path / "8" / "stat").unlink()
+    cache.end_window()
+    assert len(cache) == 1  # not used yet: samples may still come
+    cache.end_window()
+    assert len(cache) == 0
+
+
+def test_live_processes_survive_windows(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 9, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    assert cache.get(9) is not None
+    for _ in range(5):
+        cache.end_window()
+    assert len(cache) == 1
+
+
+def test_cache_is_bounded_lru(tmp_path: Path) -> None:
+    for pid in range(10, 15):
+        fake_proc(tmp_path, pid, 100, f"p{pid}", MAPS_A)
+    cache = ProcessCache(max_entries=3, proc=tmp_path)
+    for pid in range(10, 14):
+        cache.capture(pid)
+    assert len(cache) == 3
+    cache.get(11)  # most recently used now
+    cache.capture(14)
+    assert cache.get(11) is not None and len(cache) == 3
+    (tmp_path / "10" / "stat").unlink()
+    assert cache.get(10) is None  # evicted first, and now unreadable
+
+
+def test_get_covering_refreshes_at_most_once_per_window(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    assert cache.get_covering(7, [0x1800]) is not None
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A + "3000-4000 r-xp 00000000 fe:00 33 /lib/new\n")
+    info = cache.get_covering(7, [0x3800])  # outside known mappings: re-read maps
+    assert info is not None and len(info.mappings) == 2
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A + "5000-6000 r-xp 00000000 fe:00 44 /lib/c\n")
+    info = cache.get_covering(7, [0x5800])  # same window: no second re-read
+    assert info is not None and [m.path for m in info.mappings] == ["/bin/a", "/lib/new"]
+    cache.end_window()
+    info = cache.get_covering(7, [0x5800])
+    assert info is not None and info.mappings[-1].path == "/lib/c"
+
+
+def test_real_process_captured_then_killed_is_still_attributed(c_binaries: Path) -> None:
+    binary = c_binaries / "spin_nopie"
+    cache = ProcessCache()
+    with running([str(binary), "60"], mapped=str(binary)) as pid:
+        assert cache.capture(pid) is not None
+    # the context manager killed and reaped it
+    info = cache.get(pid)
+    assert info is not None and info.comm == "spin_nopie"
+    cache.end_window()
+    if Path(f"/proc/{pid}").exists():
+        pytest.skip("pid was reused by another process meanwhile")
+    assert cache.get(pid) is None
