@@ -14,6 +14,7 @@ from types import FrameType
 from agent.config import (
     RECORD,
     RUN,
+    TOP,
     Config,
     ConfigError,
     add_arguments,
@@ -65,7 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where to write the gzipped pprof profile.",
     )
     record.add_argument("--pid", type=int, metavar="PID", help="Profile only this process.")
+    record.add_argument(
+        "--flamegraph",
+        type=Path,
+        metavar="FILE.svg",
+        help="Also write a self-contained flame graph SVG of the profile.",
+    )
     add_arguments(record, RECORD)
+    top = commands.add_parser(
+        TOP,
+        help="Live view of the hottest functions, like perf top.",
+        description="Show the hottest functions system-wide (or of --pid), refreshed every "
+        "--interval seconds. Ctrl-C quits.",
+    )
+    top.add_argument("--pid", type=int, metavar="PID", help="Only this process.")
+    top.add_argument(
+        "--interval", default="1", metavar="SECONDS", help="Refresh interval (default: 1)."
+    )
+    top.add_argument(
+        "--iterations",
+        type=int,
+        metavar="N",
+        help="Quit after N refreshes (default: until Ctrl-C).",
+    )
+    add_arguments(top, TOP)
     return parser
 
 
@@ -93,10 +117,29 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         from agent.daemon import run
 
         return run(config)
+    if args.command == TOP:
+        from agent.top import run_top_command
+
+        return run_top_command(
+            config,
+            interval=parse_duration_arg("--interval", args.interval),
+            pid=args.pid,
+            iterations=args.iterations,
+            stop=stop_on_signals(),
+        )
     from agent.record import record
 
-    duration = parse_duration(args.duration)
-    return record(config, duration, args.output, args.pid, stop=stop_on_signals())
+    duration = parse_duration_arg("--duration", args.duration)
+    return record(
+        config, duration, args.output, args.pid, stop=stop_on_signals(), flamegraph=args.flamegraph
+    )
+
+
+def parse_duration_arg(flag: str, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"flag {flag}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

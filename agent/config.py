@@ -159,8 +159,8 @@ class Option:
     metavar: str | None = None
 
 
-RUN, RECORD = "run", "record"
-BOTH = (RUN, RECORD)
+RUN, RECORD, TOP = "run", "record", "top"
+BOTH = (RUN, RECORD, TOP)  # options every sampling command takes
 
 OPTIONS: tuple[Option, ...] = (
     Option("frequency", int_in(1, 1000), 19, "Samples per second per CPU.", BOTH, metavar="HZ"),

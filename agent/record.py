@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import TextIO
 
 from agent.config import Config
-from agent.pipeline import build_pipeline
+from agent.flamegraph import render_flamegraph
+from agent.model import ProfileSample, Window
+from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.session import merged_profile, window_profiles
 
 log = logging.getLogger(__name__)
+
+INDEX_BUDGET_SECONDS = 60.0  # one-shot: worth waiting for DWARF indexes, within reason
 
 
 def countdown_line(remaining: float) -> str:
@@ -26,13 +30,32 @@ def countdown_line(remaining: float) -> str:
 def wait_sampling(
     duration: float, stop: threading.Event, on_tick: Callable[[float, float], None]
 ) -> None:
-    """Sample for `duration` seconds, calling on_tick about 5 times a second."""
+    """Sample for `duration` seconds, calling on_tick(remaining, wait) about 5 times a second."""
     deadline = time.monotonic() + duration
     while not stop.is_set():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
         on_tick(remaining, min(remaining, 0.2))
+
+
+def sample_for(
+    pipeline: Pipeline, duration: float, stop: threading.Event, show: TextIO | None
+) -> Window:
+    def tick(remaining: float, wait: float) -> None:
+        if show is not None:
+            show.write(countdown_line(remaining))
+            show.flush()
+        pipeline.capture_new_processes(timeout_ms=int(wait * 1000))
+
+    pipeline.start()
+    try:
+        wait_sampling(duration, stop, tick)
+        return pipeline.sampler.drain()
+    finally:
+        pipeline.close()
+        if show is not None:
+            show.write("\n")
 
 
 def record(
@@ -42,35 +65,26 @@ def record(
     pid: int | None,
     stop: threading.Event | None = None,
     tty: TextIO | None = None,
+    flamegraph: Path | None = None,
 ) -> int:
-    stop = stop or threading.Event()
-    pipeline = build_pipeline(config, pid=pid)
+    pipeline = build_pipeline(config, pid=pid, background_indexing=False)
     show = tty if tty is not None else (sys.stderr if sys.stderr.isatty() else None)
-    pipeline.start()
-    start_ns = time.time_ns()
-    try:
-
-        def tick(remaining: float, wait: float) -> None:
-            if show is not None:
-                show.write(countdown_line(remaining))
-                show.flush()
-            pipeline.capture_new_processes(timeout_ms=int(wait * 1000))
-
-        wait_sampling(duration, stop, tick)
-        window = pipeline.sampler.drain()
-    finally:
-        pipeline.close()
-    if show is not None:
-        show.write("\n")
+    window = sample_for(pipeline, duration, stop or threading.Event(), show)
+    pipeline.prepare_now((s.pid for s in window.samples), budget_seconds=INDEX_BUDGET_SECONDS)
     profile = merged_profile(window_profiles(window, pipeline.stages, pipeline.period_ns))
+    samples: list[ProfileSample] = list(profile.samples) if profile else []
+    duration_ns = max(window.end_ns - window.start_ns, 1)
     data = (
         profile.pprof
         if profile
-        else build_pprof([], start_ns, max(time.time_ns() - start_ns, 1), pipeline.period_ns)
+        else build_pprof([], window.start_ns, duration_ns, pipeline.period_ns)
     )
     write_atomically(output, data)
-    samples = sum(s.count for s in window.samples)
-    print(f"strobe: wrote {output} ({samples} samples, {len(data)} bytes)", file=sys.stderr)
+    if flamegraph is not None:
+        title = f"strobe: pid {pid}" if pid else "strobe: all processes"
+        write_atomically(flamegraph, render_flamegraph(samples, title=title).encode())
+    count = sum(s.count for s in window.samples)
+    print(f"strobe: wrote {output} ({count} samples, {len(data)} bytes)", file=sys.stderr)
     return 0
 
 

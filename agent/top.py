@@ -16,8 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from agent.config import Config
 from agent.flamegraph import location_names, stack_names
 from agent.model import ProfileSample
+from agent.pipeline import build_pipeline
+from agent.session import profile_samples
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase display
 DEFAULT_LIMIT = 20  # rows when the output is not a terminal
@@ -117,3 +120,30 @@ def run_top(
         out.write((CLEAR_SCREEN if tty else ("\n" if done else "")) + table)
         out.flush()
         done += 1
+
+
+def run_top_command(
+    config: Config,
+    interval: float,
+    pid: int | None,
+    iterations: int | None,
+    stop: threading.Event,
+) -> int:
+    """`strobe top`: a pipeline drained every `interval` seconds, shown as a table."""
+    pipeline = build_pipeline(config, pid=pid)
+
+    def capture_window(seconds: float) -> list[ProfileSample]:
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            pipeline.capture_new_processes(timeout_ms=100)
+        window = pipeline.sampler.drain()
+        samples = profile_samples(window, pipeline.stages)
+        pipeline.end_window()
+        return [sample for group in samples.values() for sample in group]
+
+    pipeline.start()
+    try:
+        run_top(capture_window, interval=interval, pid=pid, iterations=iterations, stop=stop)
+    finally:
+        pipeline.close()
+    return 0

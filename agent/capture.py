@@ -1,0 +1,108 @@
+"""On-demand captures riding on the daemon's sampler.
+
+The daemon owns the only sampler. A pull request (`/debug/pprof/profile?seconds=N`) adds a
+Tap; while any tap is open the window loop drains every second instead of once per window,
+feeds each drain both to the window and to the open taps, and builds a tap's profile on the
+loop's own thread when the tap's time is up (so symbolization stays single-threaded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from agent.model import StackSample, Window
+
+SampleKey = tuple[int, int, str, tuple[int, ...], tuple[int, ...]]
+
+
+def merge_windows(windows: Iterable[Window]) -> Window | None:
+    """One window covering several drains; identical stacks have their counts summed."""
+    counts: dict[SampleKey, int] = {}
+    lost: dict[str, int] = {}
+    start = end = None
+    for window in windows:
+        start = window.start_ns if start is None else min(start, window.start_ns)
+        end = window.end_ns if end is None else max(end, window.end_ns)
+        for sample in window.samples:
+            key = (sample.pid, sample.tid, sample.comm, sample.user_stack, sample.kernel_stack)
+            counts[key] = counts.get(key, 0) + sample.count
+        for reason, value in window.lost.items():
+            lost[reason] = lost.get(reason, 0) + value
+    if start is None or end is None:
+        return None
+    samples = tuple(
+        StackSample(pid=k[0], tid=k[1], comm=k[2], user_stack=k[3], kernel_stack=k[4], count=c)
+        for k, c in counts.items()
+    )
+    return Window(start_ns=start, end_ns=end, samples=samples, lost=lost)
+
+
+@dataclass
+class Tap:
+    """One capture in progress: the samples of `pid` (or all) until `deadline`."""
+
+    deadline: float  # time.monotonic()
+    pid: int | None
+    start_ns: int = field(default_factory=time.time_ns)
+    windows: list[Window] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: bytes | None = None
+    error: str | None = None
+
+    def feed(self, window: Window) -> None:
+        if self.pid is not None:
+            samples = tuple(s for s in window.samples if s.pid == self.pid)
+            window = Window(window.start_ns, window.end_ns, samples, window.lost)
+        self.windows.append(window)
+
+
+class TapSet:
+    """Open taps, shared by the HTTP thread (adds, waits) and the window loop (feeds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taps: list[Tap] = []
+
+    def open(self, seconds: float, pid: int | None) -> Tap:
+        tap = Tap(deadline=time.monotonic() + seconds, pid=pid)
+        with self._lock:
+            self._taps.append(tap)
+        return tap
+
+    def active(self) -> bool:
+        with self._lock:
+            return bool(self._taps)
+
+    def feed(self, window: Window, finish: Callable[[Tap], bytes]) -> None:
+        """Give a drain to every open tap; finish the taps whose time is up."""
+        now = time.monotonic()
+        with self._lock:
+            taps = list(self._taps)
+            self._taps = [tap for tap in taps if tap.deadline > now]
+        for tap in taps:
+            tap.feed(window)
+            if tap.deadline <= now:
+                try:
+                    tap.result = finish(tap)
+                except Exception as exc:  # the requester gets a 500, the loop goes on
+                    tap.error = f"{type(exc).__name__}: {exc}"
+                tap.done.set()
+
+    def cancel_all(self, reason: str) -> None:
+        with self._lock:
+            taps, self._taps = self._taps, []
+        for tap in taps:
+            tap.error = reason
+            tap.done.set()
+
+
+def wait_for(tap: Tap, seconds: float) -> bytes:
+    """Block the HTTP thread until the loop finished the tap (with a safety margin)."""
+    if not tap.done.wait(seconds + 60):
+        raise TimeoutError("the capture did not finish in time")
+    if tap.result is None:
+        raise RuntimeError(tap.error or "capture failed")
+    return tap.result
