@@ -35,8 +35,11 @@ class Recorder:
         self.failures: list[grpc.StatusCode] = []
         self.metadata: list[dict[str, str]] = []
         self.cond = threading.Condition()
+        self.gate = threading.Event()  # cleared: calls hang until it is set again
+        self.gate.set()
 
     def handle(self, request: Any, context: grpc.ServicerContext) -> None:
+        self.gate.wait()
         with self.cond:
             self.metadata.append(dict(context.invocation_metadata()))
             if self.failures:
@@ -128,6 +131,7 @@ class Backend:
         return self
 
     def stop(self) -> None:
+        self.recorder.gate.set()  # never leave a handler thread hanging
         if self._server is not None:
             self._server.stop(grace=None).wait()
             self._server = None
