@@ -199,6 +199,8 @@ class LocalStore:
     # -- writing -----------------------------------------------------------------------
 
     def _store(self, profile: SeriesProfile) -> Path:
+        if self._failing:  # the directory may have been missing, or removed meanwhile
+            self.directory.mkdir(parents=True, exist_ok=True)
         stem = self._free_stem(profile_stem(profile))
         path = self.directory / (stem + PROFILE_SUFFIX)
         meta_path = self.directory / (stem + META_SUFFIX)
