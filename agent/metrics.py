@@ -55,6 +55,8 @@ SERIES_OVERFLOW = _counter(
     "strobe_series_overflow_samples", "Samples folded into the overflow series by the cap."
 )
 KUBERNETES_UP = _gauge("strobe_kubernetes_api_up", "1 when the Kubernetes pod watch is healthy.")
+KUBERNETES_PODS = _gauge("strobe_kubernetes_pods", "Pods of this node in the pod metadata cache.")
+LABEL_CACHE_SIZE = _gauge("strobe_label_cache_entries", "Processes in the discovery-label cache.")
 # sinks
 PROFILES_WRITTEN = _counter("strobe_profiles_written", "Profiles written, by sink.", ("sink",))
 PROFILE_BYTES = _counter("strobe_profile_bytes", "Bytes of profiles written, by sink.", ("sink",))

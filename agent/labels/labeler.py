@@ -1,0 +1,182 @@
+"""The label stage: a process -> its discovery labels -> its series labels.
+
+Discovery labels (Prometheus `__meta_*` style; a label without a value is absent):
+
+    __meta_process_pid, __meta_process_comm, __meta_process_executable, __meta_process_cgroup
+    __meta_container_id, __meta_container_runtime          (docker|containerd|cri-o|podman)
+    __meta_systemd_unit                                    (innermost .service/.scope)
+    __meta_kubernetes_namespace, __meta_kubernetes_pod_name, __meta_kubernetes_pod_uid,
+    __meta_kubernetes_container_name, __meta_kubernetes_node_name,
+    __meta_kubernetes_pod_label_<name>                     (name sanitized to [a-zA-Z0-9_])
+    node                                                   (this agent's node name)
+
+Series labels are what `relabel_configs` make of them, minus every "__*" label and pid.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import metrics
+from agent.labels.cgroup import CgroupInfo, parse_cgroup
+from agent.labels.kubernetes import PodMetadata, PodMetadataSource
+from agent.labels.relabel import DEFAULT_RELABEL_CONFIGS, RelabelConfig, relabel, series_labels
+from agent.model import ProcessInfo
+
+Labels = tuple[tuple[str, str], ...]
+_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def sanitize_label_name(name: str) -> str:
+    """Prometheus' strutil.SanitizeLabelName: every char outside [a-zA-Z0-9_] becomes "_"."""
+    return _INVALID_LABEL_CHARS.sub("_", name)
+
+
+def process_labels(process: ProcessInfo, cgroup: CgroupInfo, node_name: str) -> dict[str, str]:
+    """The discovery labels that /proc alone gives (no API server involved)."""
+    labels = {
+        "__meta_process_pid": str(process.pid),
+        "__meta_process_comm": process.comm,
+        "__meta_process_executable": process.exe,
+        "__meta_process_cgroup": cgroup.path,
+        "__meta_container_id": cgroup.container_id,
+        "__meta_container_runtime": cgroup.runtime,
+        "__meta_systemd_unit": cgroup.systemd_unit,
+        "__meta_kubernetes_pod_uid": cgroup.pod_uid,
+        "node": node_name,
+    }
+    return {name: value for name, value in labels.items() if value}
+
+
+def kubernetes_labels(pod: PodMetadata, container_id: str) -> dict[str, str]:
+    """The discovery labels a pod (and the process's container in it) contributes."""
+    labels = {
+        "__meta_kubernetes_namespace": pod.namespace,
+        "__meta_kubernetes_pod_name": pod.name,
+        "__meta_kubernetes_pod_uid": pod.uid,
+        "__meta_kubernetes_node_name": pod.node_name,
+    }
+    container = pod.container(container_id) if container_id else None
+    if container is not None:
+        labels["__meta_kubernetes_container_name"] = container.name
+        labels["__meta_container_runtime"] = container.runtime
+    for name, value in pod.labels:
+        labels[f"__meta_kubernetes_pod_label_{sanitize_label_name(name)}"] = value
+    return {name: value for name, value in labels.items() if value}
+
+
+def read_cgroup(proc: Path, pid: int, start_time: int) -> CgroupInfo:
+    """The cgroup of `pid`, if it is still the process that started at `start_time`.
+
+    A vanished, reused or unreadable pid gives an empty CgroupInfo: wrong labels are
+    worse than none.
+    """
+    try:
+        if start_time and _start_time(proc / str(pid) / "stat") != start_time:
+            return CgroupInfo()
+        return parse_cgroup((proc / str(pid) / "cgroup").read_text())
+    except (OSError, ValueError):
+        return CgroupInfo()
+
+
+def _start_time(stat_path: Path) -> int:
+    text = stat_path.read_text()
+    # comm (field 2) may contain spaces and ")": the fields resume after the last ")".
+    fields_after_comm = text[text.rindex(")") + 2 :].split()
+    return int(fields_after_comm[19])  # field 22 overall; field 3 is the first here
+
+
+@dataclass
+class _Entry:
+    cgroup: CgroupInfo
+    base: dict[str, str]
+    series: Labels | None = None
+    final: bool = False  # series is settled (no pod metadata still to wait for)
+
+
+class Labeler:
+    """Labels for processes. Not thread-safe: one per pipeline.
+
+    `relabel_configs=None` applies DEFAULT_RELABEL_CONFIGS (node, namespace, pod,
+    container, container_id, systemd_unit, comm); `[]` keeps only `node`.
+    """
+
+    def __init__(
+        self,
+        node_name: str,
+        relabel_configs: Sequence[RelabelConfig] | None = None,
+        kubernetes: PodMetadataSource | None = None,
+        proc: Path = Path("/proc"),
+        max_processes: int = 16384,
+    ) -> None:
+        self.node_name = node_name
+        self.relabel_configs = tuple(
+            DEFAULT_RELABEL_CONFIGS if relabel_configs is None else relabel_configs
+        )
+        self.kubernetes = kubernetes
+        self.proc = proc
+        self.max_processes = max_processes
+        self._entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+
+    def discovery_labels(self, process: ProcessInfo) -> dict[str, str]:
+        """All `__meta_*` labels (plus `node`) of the process; absent ones are omitted."""
+        entry = self._entry(process)
+        labels = dict(entry.base)
+        pod = self._pod(entry.cgroup)
+        if pod is not None:
+            labels.update(kubernetes_labels(pod, entry.cgroup.container_id))
+        return labels
+
+    def series_labels(self, process: ProcessInfo) -> Labels | None:
+        """Sorted series labels after relabeling; None when relabeling dropped the process."""
+        entry = self._entry(process)
+        if entry.final:
+            return entry.series
+        pod = self._pod(entry.cgroup)
+        labels = dict(entry.base)
+        if pod is not None:
+            labels.update(kubernetes_labels(pod, entry.cgroup.container_id))
+        relabeled = relabel(labels, self.relabel_configs)
+        entry.series = None if relabeled is None else series_labels(relabeled)
+        entry.final = self._settled(entry.cgroup, pod)
+        return entry.series
+
+    def forget(self, pid: int, start_time: int) -> None:
+        """Drop a process that exited (optional: the cache is bounded anyway)."""
+        self._entries.pop((pid, start_time), None)
+        metrics.LABEL_CACHE_SIZE.set(len(self._entries))
+
+    def _entry(self, process: ProcessInfo) -> _Entry:
+        key = (process.pid, process.start_time)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        cgroup = read_cgroup(self.proc, process.pid, process.start_time)
+        entry = _Entry(cgroup, process_labels(process, cgroup, self.node_name))
+        self._entries[key] = entry
+        while len(self._entries) > self.max_processes:
+            self._entries.popitem(last=False)
+        metrics.LABEL_CACHE_SIZE.set(len(self._entries))
+        return entry
+
+    def _settled(self, cgroup: CgroupInfo, pod: PodMetadata | None) -> bool:
+        """Whether the series labels can be cached for good.
+
+        Until the pod (and the container's status in it) shows up in the API, keep
+        asking: the watch may just be behind a pod that started a moment ago.
+        """
+        if self.kubernetes is None or not cgroup.pod_uid:
+            return True
+        if pod is None:
+            return False
+        return not cgroup.container_id or pod.container(cgroup.container_id) is not None
+
+    def _pod(self, cgroup: CgroupInfo) -> PodMetadata | None:
+        if self.kubernetes is None or not (cgroup.pod_uid or cgroup.container_id):
+            return None
+        return self.kubernetes.pod(cgroup.pod_uid, cgroup.container_id)
