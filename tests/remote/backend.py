@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -25,6 +26,16 @@ from opentelemetry.proto.collector.profiles.v1development import (
 from agent.model import Frame, Location, Mapping, ProfileSample, SeriesProfile
 from agent.sinks.proto import profilestore_pb2 as parca_pb2
 from agent.sinks.proto import profilestore_pb2_grpc as parca_grpc
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll `condition` until true; False after `timeout` (generous: never a timing assert)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 class Recorder:

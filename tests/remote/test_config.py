@@ -82,3 +82,12 @@ def test_certificate_name_prefers_dns_then_ip_then_cn():
     assert certificate_name({"subjectAltName": (("IP Address", "10.0.0.1"),)}, "x") == "10.0.0.1"
     assert certificate_name({"subject": ((("commonName", "cn"),),)}, "x") == "cn"
     assert certificate_name({}, "fallback") == "fallback"
+
+
+def test_unusable_spool_dir_is_named_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="spool_dir: cannot use"):
+        RemoteSink(
+            RemoteStoreConfig(address="127.0.0.1:7070", insecure=True, spool_dir=str(blocker / "s"))
+        )

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 
 import grpc
 import pytest
 
 from agent.sinks.remote.config import TOKEN_ENV
-from tests.remote.backend import make_profile
+from tests.remote.backend import make_profile, wait_until
 
 FAILED = "strobe_remote_profiles_failed_total"
 DROPPED = "strobe_remote_profiles_dropped_total"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def server_tls(certs, require_client: bool = False, odd: bool = False) -> grpc.ServerCredentials:

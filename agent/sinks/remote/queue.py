@@ -62,6 +62,14 @@ def codec_for(config: RemoteStoreConfig) -> Codec:
     )
 
 
+def open_spool(config: RemoteStoreConfig) -> Spool:
+    try:
+        return Spool(Path(config.spool_dir), config.spool_max_bytes, config.protocol)
+    except OSError as exc:
+        problem = f"remote store spool_dir: cannot use {config.spool_dir}: {exc.strerror}"
+        raise ValueError(problem) from None
+
+
 @dataclass(frozen=True)
 class Pending:
     seq: int
@@ -89,7 +97,7 @@ class RemoteSink:
         self._drop_logs: dict[str, int] = {}
         self._spool: Spool | None = None
         if config.spool_dir:
-            self._spool = Spool(Path(config.spool_dir), config.spool_max_bytes, config.protocol)
+            self._spool = open_spool(config)
             self._dropped("spool_discarded", self._spool.discarded_at_start)
         self._next_seq = (self._spool.last_seq if self._spool else 0) + 1
         self._update_gauges()
@@ -238,8 +246,13 @@ class RemoteSink:
 
     def _run(self) -> None:
         while (item := self._take()) is not None:
-            if not self._deliver(item):
-                return  # stopping: close() spills what is left
+            try:
+                if not self._deliver(item):
+                    return  # stopping: close() spills what is left
+            except Exception:  # a bug must cost one profile, not every later one
+                log.exception("remote store: dropping a profile after an unexpected error")
+                metrics.SINK_ERRORS.labels(sink=self.name, reason="sender").inc()
+                self._dropped("sender_error")
             self._finish(item)
 
     def _deliver(self, item: Pending) -> bool:
