@@ -82,6 +82,7 @@ class Dictionary:
         self._functions: dict[tuple[str, str, int], int] = {}
         self._mappings: dict[tuple[Mapping, str], int] = {}
         self._locations: dict[Location, int] = {}
+        self._by_identity: dict[int, int] = {}
         self._stacks: dict[tuple[int, ...], int] = {}
 
     def string(self, text: str) -> int:
@@ -130,6 +131,15 @@ class Dictionary:
         return index
 
     def location(self, location: Location) -> int:
+        # Most locations repeat as the same object: look them up by identity first
+        # (the profile keeps them alive while the request is built).
+        index = self._by_identity.get(id(location))
+        if index is not None:
+            return index
+        index = self._by_identity[id(location)] = self._add_location(location)
+        return index
+
+    def _add_location(self, location: Location) -> int:
         index = self._locations.get(location)
         if index is None:
             index = self._locations[location] = len(self.message.location_table)
