@@ -38,10 +38,11 @@ _SCOPE = re.compile(rf"^(?P<prefix>[a-z-]+-)(?P<id>{_ID})\.scope$")
 _COLON_FORM = re.compile(rf"^[^:]*:(?P<prefix>cri-containerd|crio|docker):(?P<id>{_ID})$")
 _COLON_RUNTIMES = {"cri-containerd": CONTAINERD, "crio": CRIO, "docker": DOCKER}
 _BARE_ID = re.compile(rf"^{_ID}$")
-# Pod cgroups: "pod<uid>" (cgroupfs) or "kubepods[-<qos>]-pod<uid_with_underscores>.slice".
+# Pod cgroups: "pod<uid>" (cgroupfs) or "[kubelet-]kubepods[-<qos>]-pod<uid_underscored>.slice".
 _POD_CGROUPFS = re.compile(r"^pod(?P<uid>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
 _POD_SLICE = re.compile(
-    r"^kubepods(?:-[a-z]+)*-pod(?P<uid>[0-9a-f]{8}(?:_[0-9a-f]{4}){3}_[0-9a-f]{12})\.slice$"
+    r"^(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)*-pod"
+    r"(?P<uid>[0-9a-f]{8}(?:_[0-9a-f]{4}){3}_[0-9a-f]{12})\.slice$"
 )
 _UNIT = re.compile(r"^[^/]+\.(?:service|scope)$")
 
@@ -95,7 +96,7 @@ def container_of(path: str) -> tuple[str, str]:
 
 def pod_uid_of(path: str) -> str:
     """The Kubernetes pod UID on a cgroup path (dashed), or ""."""
-    for segment in path.split("/"):
+    for segment in re.split("[/:]", path):  # ":" for "<pod slice>:cri-containerd:<id>"
         if match := _POD_CGROUPFS.match(segment):
             return match["uid"]
         if match := _POD_SLICE.match(segment):
