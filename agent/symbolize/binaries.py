@@ -58,12 +58,16 @@ def identity_matches(st: os.stat_result, mapping: Mapping, strict_dev: bool = Tr
 
 
 def process_root(pid: int, proc: Path = PROC) -> Path:
-    """The process's filesystem root, or the host's when it is the same (or gone)."""
+    """The process's filesystem root, or the host's when it is the same (or gone).
+
+    Compared by stat, not readlink: a container's root also reads as "/".
+    """
     root = proc / str(pid) / "root"
     try:
-        return Path("/") if os.readlink(root) == "/" else root
+        theirs, ours = os.stat(root), os.stat("/")
     except OSError:
         return Path("/")
+    return Path("/") if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else root
 
 
 def candidate_paths(pid: int | None, mapping: Mapping, proc: Path) -> list[tuple[str, Path]]:

@@ -6,19 +6,24 @@ agent.symbolize.elf, so a bug in the translation under test cannot hide itself.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
+import pytest
 from elftools.elf.elffile import ELFFile
 
 from agent.model import Mapping
 
 DATA = Path(__file__).resolve().parent / "data"
 PAGE = 4096
+T = TypeVar("T")
 
 
 @contextmanager
@@ -78,6 +83,15 @@ def runtime_address(path: Path, vaddr: int, mappings: tuple[Mapping, ...]) -> in
     raise ValueError(f"offset {offset:#x} of {path} is not mapped")
 
 
+def address_in_mapping(layout: Path, vaddr: int, mapping: Mapping) -> int:
+    """Runtime address of vaddr in a mapping of a file laid out like `layout`
+
+    (for mapped files that were deleted or replaced since)."""
+    offset = file_offset_of(layout, vaddr)
+    assert mapping.offset <= offset < mapping.offset + (mapping.end - mapping.start)
+    return mapping.start + offset - mapping.offset
+
+
 def loader_mappings(path: Path, base: int) -> tuple[Mapping, ...]:
     """Executable mappings as ld.so would create them for `path` loaded at `base`."""
     st = os.stat(path)
@@ -95,10 +109,10 @@ def loader_mappings(path: Path, base: int) -> tuple[Mapping, ...]:
     return tuple(mappings)
 
 
-def addr2line(binary: Path, vaddr: int) -> list[tuple[str, str, int]]:
+def addr2line(binary: Path, vaddr: int, demangle: bool = False) -> list[tuple[str, str, int]]:
     """(function, file, line) frames innermost first, as binutils' addr2line says."""
     out = subprocess.run(
-        ["addr2line", "-f", "-i", "-e", str(binary), f"{vaddr:#x}"],
+        ["addr2line", "-f", "-i", *(["-C"] if demangle else []), "-e", str(binary), f"{vaddr:#x}"],
         capture_output=True,
         text=True,
         check=True,
@@ -116,3 +130,48 @@ def compile_c(sources: list[Path], output: Path, *flags: str, compiler: str = "g
         [compiler, *flags, "-o", str(output), *map(str, sources)], check=True, timeout=120
     )
     return output
+
+
+def require_root() -> None:
+    """Root-only tests fail in CI (STROBE_REQUIRE_BPF=1, which runs as root) and skip elsewhere."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("STROBE_REQUIRE_BPF") == "1":
+        pytest.fail("this test needs root")
+    pytest.skip("this test needs root")
+
+
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_file_capabilities() -> None:
+    # capset(2) with pid 0 changes only the calling thread's capabilities.
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # 2 x {effective, permitted, inheritable}
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[0] &= ~((1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH))
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def call_without_file_capabilities(function: Callable[[], T]) -> T:
+    """Run function in a thread that cannot bypass file permissions, even as root."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            if os.geteuid() == 0:
+                _drop_file_capabilities()
+            outcome["value"] = function()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=120)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
