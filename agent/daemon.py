@@ -1,8 +1,9 @@
 """`strobe run`: the long-lived agent. Composes the stages, runs one window after another,
 hands each window's profiles to the sinks, and serves the admin HTTP endpoints.
 
-Threads: the main thread samples and builds windows; the admin server answers HTTP.
-SIGTERM/SIGINT end the current window early, flush it to the sinks, and exit 0.
+Threads: the main thread samples and builds windows; the admin server answers HTTP; the
+indexer builds symbol indexes. SIGTERM/SIGINT end the current window early, flush it to
+the sinks, and exit 0.
 """
 
 from __future__ import annotations
@@ -14,22 +15,28 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from agent import metrics
+from agent import metrics, sdnotify
 from agent.admin import AdminServer, is_loopback, split_address
+from agent.capture import Tap, TapSet, merge_windows, wait_for
 from agent.config import Config, ConfigError
-from agent.model import SeriesProfile
+from agent.model import SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
-from agent.session import window_profiles
+from agent.pprof.builder import build_pprof
+from agent.pull import PullEndpoint
+from agent.session import profile_samples, window_profiles
 from agent.sinks import Sink
 from agent.sinks.local_store import LocalStore
+from agent.sinks.remote import RemoteSink, RemoteStoreConfig
 
 log = logging.getLogger(__name__)
+
+TAP_TICK_SECONDS = 1.0  # drain this often while an on-demand capture is open
 
 
 def check_http_exposure(config: Config) -> None:
     """Loopback by default; anything else needs a bearer token file."""
     host, _ = split_address(config.http_address)
-    if not is_loopback(host) and not config.values.get("http_token_file"):
+    if not is_loopback(host) and not config.http_token_file:
         raise ConfigError(
             f"http_address: {config.http_address} is not a loopback address; "
             "set http_token_file to require a bearer token, or bind 127.0.0.1"
@@ -37,7 +44,7 @@ def check_http_exposure(config: Config) -> None:
 
 
 def read_token(config: Config) -> str | None:
-    path = config.values.get("http_token_file")
+    path = config.http_token_file
     if not path:
         return None
     try:
@@ -59,22 +66,50 @@ def build_sinks(config: Config) -> list[Sink]:
                 max_age_seconds=config.local_store_max_age,
             )
         )
+    if config.remote_store_address:
+        try:
+            sinks.append(RemoteSink(remote_store_config(config)))
+        except ValueError as exc:  # unreadable TLS file, unusable spool dir
+            raise ConfigError(f"remote_store: {exc}") from None
     return sinks
 
 
-class StopSignal:
-    """Turns SIGTERM/SIGINT into an Event the window loop waits on."""
+def remote_store_config(config: Config) -> RemoteStoreConfig:
+    try:
+        return RemoteStoreConfig(
+            address=config.remote_store_address,
+            protocol=config.remote_store_protocol,
+            insecure=config.remote_store_insecure,
+            insecure_skip_verify=config.remote_store_insecure_skip_verify,
+            ca_file=config.remote_store_ca_file,
+            cert_file=config.remote_store_cert_file,
+            key_file=config.remote_store_key_file,
+            bearer_token_file=config.remote_store_bearer_token_file,
+            headers=dict(config.remote_store_headers),
+            timeout_seconds=config.remote_store_timeout,
+            max_message_bytes=config.remote_store_max_message_bytes,
+            queue_max_bytes=config.remote_store_queue_max_bytes,
+            spool_dir=config.remote_store_spool_dir,
+            spool_max_bytes=config.remote_store_spool_max_bytes,
+            node=config.resolved_node_name,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class Signals:
+    """SIGTERM/SIGINT set `stop`; the window loop waits on it."""
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.stop = threading.Event()
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
 
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+    def _stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: flushing the current window", signal.Signals(signum).name)
-        self.event.set()
+        self.stop.set()
 
 
 def deliver(sinks: list[Sink], profiles: list[SeriesProfile], window_index: int) -> None:
@@ -87,32 +122,77 @@ def deliver(sinks: list[Sink], profiles: list[SeriesProfile], window_index: int)
                 metrics.SINK_ERRORS.labels(sink=sink.name, reason="exception").inc()
 
 
-def run_windows(
-    pipeline: Pipeline,
-    sinks: list[Sink],
-    window_seconds: float,
-    stop: threading.Event,
-    max_windows: int | None = None,
-) -> int:
-    """Sample, one window after another, until stopped. Returns windows delivered."""
-    delivered = 0
-    while True:
-        deadline = time.monotonic() + window_seconds
-        while not stop.is_set() and time.monotonic() < deadline:
-            pipeline.capture_new_processes(timeout_ms=200)
-        window = pipeline.sampler.drain()
-        profiles = window_profiles(window, pipeline.stages, pipeline.period_ns)
-        deliver(sinks, profiles, delivered)
-        pipeline.end_window()
-        delivered += 1
-        log.info(
-            "window %d: %d samples, %d series",
-            delivered,
-            sum(s.count for s in window.samples),
-            len(profiles),
-        )
-        if stop.is_set() or (max_windows is not None and delivered >= max_windows):
-            return delivered
+def tap_profile(pipeline: Pipeline, tap: Tap) -> bytes:
+    """The pprof of one on-demand capture (built on the window loop's thread)."""
+    window = merge_windows(tap.windows) or Window(tap.start_ns, time.time_ns(), ())
+    duration = max(window.end_ns - tap.start_ns, 1)
+    samples = [s for group in profile_samples(window, pipeline.stages).values() for s in group]
+    return build_pprof(samples, tap.start_ns, duration, pipeline.period_ns)
+
+
+class WindowLoop:
+    """Sample one window after another; drain more often while captures are open."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sinks: list[Sink],
+        window_seconds: float,
+        stop: threading.Event,
+        taps: TapSet | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sinks = sinks
+        self.window_seconds = window_seconds
+        self.stop = stop
+        self.taps = taps or TapSet()
+        self.delivered = 0
+        self._last_watchdog = 0.0
+
+    def run(self, max_windows: int | None = None) -> int:
+        while True:
+            window = self._sample_one_window()
+            profiles = window_profiles(window, self.pipeline.stages, self.pipeline.period_ns)
+            deliver(self.sinks, profiles, self.delivered)
+            self.pipeline.end_window()
+            self.delivered += 1
+            log.info(
+                "window %d: %d samples, %d series",
+                self.delivered,
+                sum(s.count for s in window.samples),
+                len(profiles),
+            )
+            if self.stop.is_set() or (max_windows is not None and self.delivered >= max_windows):
+                self.taps.cancel_all("the agent is stopping")
+                return self.delivered
+
+    def _keepalive(self) -> None:
+        """Tell systemd's watchdog we are alive, every couple of seconds."""
+        now = time.monotonic()
+        if now - self._last_watchdog >= 2.0:
+            self._last_watchdog = now
+            sdnotify.notify("WATCHDOG=1")
+
+    def _sample_one_window(self) -> Window:
+        window_end = time.monotonic() + self.window_seconds
+        drains: list[Window] = []
+        while True:
+            had_taps = self.taps.active()
+            tick_end = (
+                min(window_end, time.monotonic() + TAP_TICK_SECONDS) if had_taps else window_end
+            )
+            while not self.stop.is_set() and time.monotonic() < tick_end:
+                self.pipeline.capture_new_processes(timeout_ms=200)
+                self._keepalive()
+                if not had_taps and self.taps.active():
+                    break  # a capture just opened: drain now so it starts clean
+            drain = self.pipeline.sampler.drain()
+            drains.append(drain)
+            self.taps.feed(drain, lambda tap: tap_profile(self.pipeline, tap))
+            if self.stop.is_set() or time.monotonic() >= window_end:
+                merged = merge_windows(drains)
+                assert merged is not None  # drains is never empty here
+                return merged
 
 
 def run(config: Config) -> int:
@@ -120,15 +200,23 @@ def run(config: Config) -> int:
     token = read_token(config)
     sinks = build_sinks(config)
     admin = AdminServer(config.http_address, token=token)
-    stop = StopSignal()
-    stop.install()
+    signals = Signals()
+    signals.install()
+    taps = TapSet()
+
+    def capture(seconds: float, pid: int | None) -> bytes:
+        return wait_for(taps.open(seconds, pid), seconds)
+
+    PullEndpoint(capture, max_seconds=config.max_profile_seconds).register(admin)
     admin.start()
     pipeline = build_pipeline(config)
     try:
         pipeline.start()
         admin.set_ready()
-        run_windows(pipeline, sinks, config.window, stop.event)
+        sdnotify.notify("READY=1")
+        WindowLoop(pipeline, sinks, config.window, signals.stop, taps).run()
     finally:
+        sdnotify.notify("STOPPING=1")
         admin.set_ready(False)
         pipeline.close()
         for sink in sinks:

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   elfutils debuginfod libc6-dbg                            # symbol tests
   golang-go golang-github-google-pprof-dev                 # upstream pprof tool
   prometheus                                               # metrics test
+  openssl                                                  # remote-sink TLS test CA
   systemd                                                  # systemd-analyze verify
   podman buildah runc debootstrap                          # container image test
 )
