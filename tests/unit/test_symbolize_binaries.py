@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from agent.metrics import SYMBOL_CACHE_BINARIES
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
+from agent.symbolize.background import BackgroundIndexer
 from agent.symbolize.binaries import open_mapped_file, process_root
 from agent.symbolize.elf import ElfInfo
 from agent.symbolize.symbolizer import Symbolizer
@@ -142,3 +144,23 @@ def test_prepare_beside_symbolize(c_binaries: Path) -> None:
     assert not failures
     (location,) = symbolizer.symbolize(process, (address,), ())
     assert location.frames[0].line > 0  # DWARF is used once ready
+
+
+def test_background_indexer_builds_what_symbolize_queued(c_binaries: Path) -> None:
+    binary = c_binaries / "spin_pie"
+    process = ProcessInfo(0, 0, "t", str(binary), loader_mappings(binary, 0x7F5900000000))
+    address = runtime_address(binary, symbol_vaddr(binary, "inner_spin") + 8, process.mappings)
+    symbolizer = Symbolizer()
+    assert symbolizer.symbolize(process, (address,), ())[0].frames[0].line == 0
+    assert symbolizer.pending() == 1
+    indexer = BackgroundIndexer(symbolizer, interval=0.05)
+    indexer.start()
+    try:
+        indexer.wake()
+        deadline = time.monotonic() + 60
+        while symbolizer.symbolize(process, (address,), ())[0].frames[0].line == 0:
+            assert time.monotonic() < deadline, "DWARF index never became ready"
+            time.sleep(0.02)
+    finally:
+        indexer.stop()
+    assert symbolizer.pending() == 0
