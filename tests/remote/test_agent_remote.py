@@ -121,7 +121,6 @@ def test_every_remote_flag_reaches_the_sink_config(tmp_path: Path) -> None:
         "backend:7070",
         "--remote-store-protocol",
         "otlp",
-        "--remote-store-insecure-skip-verify",
         "--remote-store-ca-file",
         "/ca.pem",
         "--remote-store-cert-file",
