@@ -210,7 +210,7 @@ class KubernetesPodWatcher:
                     backoff = self.backoff_initial_seconds
                 if self._watch():
                     backoff = self.backoff_initial_seconds
-                continue
+                    continue
             except _Stopped:
                 break
             except _Gone:
@@ -245,7 +245,12 @@ class KubernetesPodWatcher:
         self._mark_up()
 
     def _watch(self) -> bool:
-        """Follow one watch stream to its end; True if it ended cleanly or carried events."""
+        """Follow one watch stream to its end; False (back off) if it made no progress.
+
+        Progress is an event, or a clean end after a while (the server's timeoutSeconds):
+        a stream that ends at once without events must not turn into a request loop.
+        """
+        started = time.monotonic()
         remaining = max(1, int(self._next_resync - time.monotonic()))
         timeout = min(self.watch_timeout_seconds, remaining)
         query = urlencode(
@@ -265,7 +270,7 @@ class KubernetesPodWatcher:
                 if line.strip():
                     self._apply(json.loads(line))
                     events += 1
-            return True
+            return events > 0 or time.monotonic() - started >= 1.0
         except (OSError, http.client.HTTPException, ValueError) as exc:
             if self._stop.is_set():
                 raise _Stopped from exc
@@ -300,6 +305,8 @@ class KubernetesPodWatcher:
         try:
             conn = self.connection.open(timeout)
         except OSError as exc:
+            if self._stop.is_set():
+                raise _Stopped from exc
             self._mark_down(f"cannot connect to {self.connection.server}: {exc}")
             raise
         with self._lock:

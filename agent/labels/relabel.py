@@ -4,7 +4,10 @@ Same fields, defaults and actions as Prometheus (model/relabel): the regex is an
 at both ends, `replacement` expands `$1`, `${1}`, `$name` and `$$` like Go's
 Regexp.Expand, setting a label to "" deletes it, and hashmod takes the last 8 bytes of
 the md5 of the joined source values, big-endian, modulo `modulus`. Regexes run on
-Python's `re`, which agrees with Go's RE2 on everything relabeling configs use.
+Python's `re`, which agrees with Go's RE2 on the syntax relabel configs use (groups,
+classes, alternation, repetition, (?i), (?P<name>)); what only one of them has
+(Python's backreferences and lookarounds, Go's \\pL classes) is not screened out.
+One deliberate difference: labelmap skips a rule's result when it is not a valid label name.
 
 After relabeling, labels whose names start with "__" are dropped; what is left are the
 series labels. `pid` is never a series label (it is a per-sample pprof label).
