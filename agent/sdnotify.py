@@ -1,34 +1,61 @@
-"""systemd's sd_notify protocol, without libsystemd: one datagram to $NOTIFY_SOCKET.
+"""systemd's notify protocol, without libsystemd: READY=1, WATCHDOG=1, STOPPING=1.
 
-A no-op (returns False) when not started by systemd with Type=notify.
+Under `Type=notify` systemd passes $NOTIFY_SOCKET, a datagram socket to send state lines to;
+under `WatchdogSec=` it also passes $WATCHDOG_USEC (and $WATCHDOG_PID, the pid meant to
+ping). Outside systemd (a shell, a container) there is no socket and every call is a cheap
+no-op, so the daemon can notify unconditionally. Nothing here raises.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+READY = "READY=1"
+WATCHDOG = "WATCHDOG=1"
+STOPPING = "STOPPING=1"
 
 
-def notify(state: str) -> bool:
-    """Send e.g. "READY=1" or "WATCHDOG=1"; True when a notify socket took it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
+def socket_address(value: str) -> str | None:
+    """The AF_UNIX address for a $NOTIFY_SOCKET value: a path, or "@name" (abstract)."""
+    if value.startswith("@") and len(value) > 1:
+        return "\0" + value[1:]  # the abstract namespace: a leading NUL byte, no file
+    if value.startswith("/"):
+        return value
+    return None  # empty, relative, or another family (vsock:...) that we do not speak
+
+
+def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Send `state` (e.g. "READY=1", or several lines) to systemd.
+
+    True when a datagram was sent; False when not running under a notify-aware manager
+    or when sending failed (logged at debug level: the service keeps running).
+    """
+    env = os.environ if environ is None else environ
+    address = socket_address(env.get("NOTIFY_SOCKET", ""))
+    if address is None:
         return False
-    if address.startswith("@"):  # abstract namespace
-        address = "\0" + address[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-        return True
-    except OSError:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify %r to %r failed: %s", state, env.get("NOTIFY_SOCKET"), exc)
         return False
+    return True
 
 
-def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings systemd expects (half its WatchdogSec), if any."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """Seconds within which systemd expects WATCHDOG=1, or None when no watchdog applies
+    to this process. Ping at half this interval (as sd_watchdog_enabled(3) advises)."""
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
         return None
-    return int(usec) / 2e6
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return None  # meant for another process (e.g. inherited from a parent)
+    return int(usec) / 1_000_000
