@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from agent.labels.relabel import RelabelConfig, parse_relabel_configs
+
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 SIZE_UNITS = {
     "": 1,
@@ -146,6 +148,10 @@ def parse_list_of_mappings(value: Any) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise ValueError("expected a list of mappings")
     return tuple(value)
+
+
+def parse_relabel_list(value: Any) -> list[RelabelConfig]:
+    return parse_relabel_configs(value, where="relabel_configs")
 
 
 @dataclass(frozen=True)
@@ -313,6 +319,29 @@ OPTIONS: tuple[Option, ...] = (
         256 * 1024**2,
         "Disk bound of the spool.",
         metavar="SIZE",
+    ),
+    Option(
+        "kubeconfig",
+        parse_text,
+        "",
+        "kubeconfig for pod labels (default: the in-cluster service account, if any).",
+        metavar="FILE",
+    ),
+    Option(
+        "relabel_configs",
+        parse_relabel_list,
+        None,
+        "Prometheus relabel_configs turning discovery labels into series labels "
+        "(config file only; default: node, namespace, pod, container, container_id, "
+        "systemd_unit, comm).",
+        flag=False,
+    ),
+    Option(
+        "max_series_per_window",
+        int_in(1, 1_000_000),
+        1000,
+        "Cap on distinct series per window; the excess folds into one overflow series.",
+        metavar="N",
     ),
     Option(
         "cache_dir",

@@ -20,7 +20,8 @@ from agent.pprof.builder import build_pprof
 log = logging.getLogger(__name__)
 
 Labels = tuple[tuple[str, str], ...]
-ResolveProcess = Callable[[int], ProcessInfo | None]
+# pid and its user stack (an address outside the known mappings triggers a re-read)
+ResolveProcess = Callable[[int, tuple[int, ...]], ProcessInfo | None]
 Symbolize = Callable[[ProcessInfo | None, tuple[int, ...], tuple[int, ...]], tuple[Location, ...]]
 # Series labels for a process; None drops its samples (relabel "drop"/"keep").
 SeriesLabels = Callable[[ProcessInfo | None, StackSample], Labels | None]
@@ -43,7 +44,7 @@ def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[Profile
     """Resolve, symbolize and label every stack of the window, grouped by series."""
     by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
     for sample in window.samples:
-        process = stages.resolve_process(sample.pid) if sample.pid else None
+        process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
         series = stages.series_labels(process, sample)
         if series is None:
             continue

@@ -92,3 +92,40 @@ def test_every_run_option_has_a_documented_flag() -> None:
         if option.flag and "run" in option.commands:
             assert "--" + option.name.replace("_", "-") in run_help
             assert option.help.split(".")[0][:20] in run_help.replace("\n", " ").replace("  ", " ")
+
+
+def test_relabel_configs_come_from_the_file_and_errors_name_the_rule(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "relabel_configs:\n"
+        "  - source_labels: [__meta_process_comm]\n"
+        "    target_label: program\n"
+        "max_series_per_window: 50\n"
+    )
+    config = config_for(["run", "--config", str(good)])
+    assert len(config.relabel_configs) == 1
+    assert config.max_series_per_window == 50
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("relabel_configs:\n  - action: explode\n")
+    with pytest.raises(ConfigError, match=r"relabel_configs\[0\]\.action"):
+        config_for(["run", "--config", str(bad)])
+
+
+def test_kubeconfig_and_series_cap_flags() -> None:
+    config = config_for(["run", "--kubeconfig", "/etc/kube.conf", "--max-series-per-window", "7"])
+    assert config.kubeconfig == "/etc/kube.conf"
+    assert config.max_series_per_window == 7
+    assert config_for(["run"]).relabel_configs is None  # the default rules apply
+
+
+def test_no_local_store_needs_a_remote_store() -> None:
+    with pytest.raises(ConfigError, match="no_local_store"):
+        config_for(["run", "--no-local-store"])
+    config = config_for(["run", "--no-local-store", "--remote-store-address", "b:1"])
+    assert config.no_local_store
+
+
+def test_pull_and_token_flags() -> None:
+    config = config_for(["run", "--max-profile-seconds", "2m", "--http-token-file", "/t"])
+    assert config.max_profile_seconds == 120.0
+    assert config.http_token_file == "/t"

@@ -9,7 +9,7 @@ from agent.session import Stages, merged_profile, window_profiles
 EXE = Mapping(start=0x400000, end=0x401000, offset=0, path="/usr/bin/app")
 
 
-def process(pid: int) -> ProcessInfo:
+def process(pid: int, _stack: tuple[int, ...] = ()) -> ProcessInfo:
     return ProcessInfo(pid=pid, start_time=1, comm=f"app{pid}", exe="/usr/bin/app", mappings=(EXE,))
 
 
@@ -82,7 +82,7 @@ def test_merged_profile_keeps_every_sample() -> None:
 
 def test_vanished_process_still_yields_its_frames() -> None:
     stages = Stages(
-        resolve_process=lambda pid: None,
+        resolve_process=lambda pid, stack: None,
         symbolize=symbolize,
         series_labels=lambda proc, sample: (("node", "n1"),),
     )
