@@ -116,7 +116,7 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == RUN:
         from agent.daemon import run
 
-        return run(config)
+        return run(config, reload_config=lambda: build_config(args, args.command))
     if args.command == TOP:
         from agent.top import run_top_command
 

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -23,6 +24,7 @@ from agent.model import SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.pull import PullEndpoint
+from agent.reload import LiveParts, Reloader
 from agent.session import profile_samples, window_profiles
 from agent.sinks import Sink
 from agent.sinks.local_store import LocalStore
@@ -140,12 +142,14 @@ class WindowLoop:
         window_seconds: float,
         stop: threading.Event,
         taps: TapSet | None = None,
+        reloader: Reloader | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.sinks = sinks
         self.window_seconds = window_seconds
         self.stop = stop
         self.taps = taps or TapSet()
+        self.reloader = reloader
         self.delivered = 0
         self._last_watchdog = 0.0
 
@@ -155,6 +159,8 @@ class WindowLoop:
             profiles = window_profiles(window, self.pipeline.stages, self.pipeline.period_ns)
             deliver(self.sinks, profiles, self.delivered)
             self.pipeline.end_window()
+            if self.reloader is not None:
+                self.reloader.maybe_reload()
             self.delivered += 1
             log.info(
                 "window %d: %d samples, %d series",
@@ -195,7 +201,7 @@ class WindowLoop:
                 return merged
 
 
-def run(config: Config) -> int:
+def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     check_http_exposure(config)
     token = read_token(config)
     sinks = build_sinks(config)
@@ -214,7 +220,13 @@ def run(config: Config) -> int:
         pipeline.start()
         admin.set_ready()
         sdnotify.notify("READY=1")
-        WindowLoop(pipeline, sinks, config.window, signals.stop, taps).run()
+        reloader = None
+        if reload_config is not None:
+            local = next((s for s in sinks if isinstance(s, LocalStore)), None)
+            parts = LiveParts(pipeline.labeler, pipeline.guard, local)
+            reloader = Reloader(config, reload_config, parts)
+            reloader.install()
+        WindowLoop(pipeline, sinks, config.window, signals.stop, taps, reloader).run()
     finally:
         sdnotify.notify("STOPPING=1")
         admin.set_ready(False)

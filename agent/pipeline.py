@@ -49,6 +49,7 @@ class Pipeline:
     stages: Stages
     period_ns: int
     guard: CardinalityGuard
+    labeler: Labeler
     indexer: BackgroundIndexer | None = None
     pod_watcher: KubernetesPodWatcher | None = None
 
@@ -121,6 +122,7 @@ def build_pipeline(
         stages=stages,
         period_ns=10**9 // config.frequency,
         guard=guard,
+        labeler=labeler,
         indexer=BackgroundIndexer(symbolizer) if background_indexing else None,
         pod_watcher=pod_watcher,
     )

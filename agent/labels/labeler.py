@@ -145,6 +145,14 @@ class Labeler:
         entry.final = self._settled(entry.cgroup, pod)
         return entry.series
 
+    def set_relabel_configs(self, relabel_configs: Sequence[RelabelConfig] | None) -> None:
+        """New rules (SIGHUP): every process's series is worked out again."""
+        self.relabel_configs = tuple(
+            DEFAULT_RELABEL_CONFIGS if relabel_configs is None else relabel_configs
+        )
+        for entry in self._entries.values():
+            entry.final = False
+
     def forget(self, pid: int, start_time: int) -> None:
         """Drop a process that exited (optional: the cache is bounded anyway)."""
         self._entries.pop((pid, start_time), None)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
@@ -194,3 +195,60 @@ def test_run_writes_windows_until_sigterm(require_bpf: None, tmp_path: Path) -> 
     assert len(files) >= 2, stderr
     for file in files:
         assert parse_pprof(file.read_bytes()).sample, file
+
+
+def sidecar_labels(store: Path) -> list[dict[str, str]]:
+    import json
+
+    out = []
+    for sidecar in sorted(store.glob("*.json")):
+        try:
+            out.append(json.loads(sidecar.read_text())["labels"])
+        except (ValueError, OSError):
+            continue  # being written
+    return out
+
+
+def test_sighup_reloads_relabel_configs_and_survives_a_bad_config(
+    require_bpf: None, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    config = tmp_path / "strobe.yaml"
+    config.write_text(f"window: 2s\nlocal_store: {store}\nhttp_address: 127.0.0.1:0\n")
+    agent = subprocess.Popen(
+        [*STROBE, "run", "--config", str(config), "--cache-dir", str(tmp_path / "cache")],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def wait_for(condition: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not condition():
+                assert agent.poll() is None, agent.communicate()[1]
+                time.sleep(0.5)
+            assert condition()
+
+        wait_for(lambda: len(list(store.glob("*.json"))) >= 1)
+        config.write_text("frequency: [not valid\n")
+        agent.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert agent.poll() is None, "a bad config on reload must not stop the agent"
+        config.write_text(
+            f"window: 2s\nlocal_store: {store}\nhttp_address: 127.0.0.1:0\n"
+            "relabel_configs:\n"
+            "  - target_label: team\n"
+            "    replacement: profiling\n"
+        )
+        agent.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(labels.get("team") == "profiling" for labels in sidecar_labels(store)))
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, stderr
+    assert "keeping the current configuration" in stderr
