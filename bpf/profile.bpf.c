@@ -1,11 +1,11 @@
 // Strobe's CPU sampler (bcc C). On every CPU's cpu-clock tick it counts
 // (window slot, process, thread name, user stack, kernel stack).
 //
-// Only uapi types are used (the perf_event context, stack ids, helpers), like
-// bcc's tools/profile.py, so any kernel's header tree compiles it correctly.
+// Only uapi types are used (the perf_event context, pt_regs, stack ids, helpers),
+// like bcc's tools/profile.py, so any kernel's header tree compiles it correctly.
 //
 // Windows: control[CONTROL_SLOT] holds the current slot (0 or 1). Keys carry the
-// slot and each slot has its own stack map, so user space flips the slot, then
+// slot and each slot has its own stack maps, so user space flips the slot, then
 // drains and clears the old slot's counts and stacks while new samples land in
 // the other slot. Freed stack ids are thus never reused within a live window.
 //
@@ -13,14 +13,18 @@
 // ring buffer, so user space can read /proc/PID/maps before a short-lived
 // process exits.
 //
+// User stacks: with frame pointers (bpf_get_stackid), or, compiled with
+// -DDWARF_UNWIND, walked here from .eh_frame-derived tables (see the second half).
+//
 // Compile-time constants (bcc cflags): COUNTS_ENTRIES, STACK_ENTRIES,
-// SEEN_ENTRIES, EVENT_PAGES.
+// SEEN_ENTRIES, EVENT_PAGES; with DWARF_UNWIND also UNWIND_ROWS, UNWIND_MAPPINGS.
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 
 #define COMM_LEN 16
 #define ERR_FAULT 14   // EFAULT: no stack of that kind (user mode tick, kernel thread)
 #define ERR_EXIST 17   // EEXIST: another stack holds the hash bucket
+#define ERR_NOSPC 28   // ENOSPC: the user stack map is full
 #define NOEXIST 1      // BPF_NOEXIST
 
 enum control_index { CONTROL_SLOT, CONTROL_PID_FILTER, CONTROL_ENTRIES };
@@ -41,7 +45,7 @@ enum pid_event_kind { EVENT_FIRST_SAMPLE, EVENT_EXEC };
 struct sample_key {
     u32 slot;
     u32 pid;              // tgid
-    s32 user_stack_id;    // < 0: -errno from bpf_get_stackid
+    s64 user_stack_id;    // < 0: -errno; a stack id (frame pointers) or a stack hash (tables)
     s32 kernel_stack_id;
     char comm[COMM_LEN];
 };
@@ -82,7 +86,7 @@ static __always_inline void emit_pid_event(u32 pid, u32 kind) {
         count_lost(LOST_PID_EVENT);
 }
 
-static __always_inline void note_stack_error(s32 id, u32 collision, u32 error) {
+static __always_inline void note_stack_error(s64 id, u32 collision, u32 error) {
     if (id >= 0 || id == -ERR_FAULT)
         return;
     count_lost(id == -ERR_EXIST ? collision : error);
@@ -105,6 +109,22 @@ static __always_inline void add_sample(struct sample_key *key, u32 tid) {
     value->tid = tid;
 }
 
+static __always_inline s64 frame_pointer_stack(struct bpf_perf_event_data *ctx, u32 slot) {
+    return slot == 0 ? stacks0.get_stackid(ctx, BPF_F_USER_STACK)
+                     : stacks1.get_stackid(ctx, BPF_F_USER_STACK);
+}
+
+static __always_inline void finish_sample(struct sample_key *key, u32 tid) {
+    note_stack_error(key->user_stack_id, LOST_USER_STACK_COLLISION, LOST_USER_STACK_ERROR);
+    note_stack_error(key->kernel_stack_id, LOST_KERNEL_STACK_COLLISION, LOST_KERNEL_STACK_ERROR);
+    add_sample(key, tid);
+}
+
+#ifdef DWARF_UNWIND
+static __always_inline int start_table_unwind(struct bpf_perf_event_data *ctx,
+                                              struct sample_key *key, u32 tid);
+#endif
+
 int on_cpu_clock(struct bpf_perf_event_data *ctx) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
@@ -115,24 +135,22 @@ int on_cpu_clock(struct bpf_perf_event_data *ctx) {
     if (filter != 0 && pid != filter)
         return 0;
 
+    u8 one = 1;
+    if (seen.insert(&pid, &one) == 0)
+        emit_pid_event(pid, EVENT_FIRST_SAMPLE);
+
     struct sample_key key = {};
     key.slot = control_value(CONTROL_SLOT) & 1;
     key.pid = pid;
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
-    if (key.slot == 0) {
-        key.user_stack_id = stacks0.get_stackid(ctx, BPF_F_USER_STACK);
-        key.kernel_stack_id = stacks0.get_stackid(ctx, 0);
-    } else {
-        key.user_stack_id = stacks1.get_stackid(ctx, BPF_F_USER_STACK);
-        key.kernel_stack_id = stacks1.get_stackid(ctx, 0);
-    }
-    note_stack_error(key.user_stack_id, LOST_USER_STACK_COLLISION, LOST_USER_STACK_ERROR);
-    note_stack_error(key.kernel_stack_id, LOST_KERNEL_STACK_COLLISION, LOST_KERNEL_STACK_ERROR);
-
-    u8 one = 1;
-    if (seen.insert(&pid, &one) == 0)
-        emit_pid_event(pid, EVENT_FIRST_SAMPLE);
-    add_sample(&key, tid);
+    key.kernel_stack_id = key.slot == 0 ? stacks0.get_stackid(ctx, 0)
+                                        : stacks1.get_stackid(ctx, 0);
+#ifdef DWARF_UNWIND
+    if (start_table_unwind(ctx, &key, tid))
+        return 0;  // the unwinder programs count the sample when they are done
+#endif
+    key.user_stack_id = frame_pointer_stack(ctx, key.slot);
+    finish_sample(&key, tid);
     return 0;
 }
 
@@ -158,3 +176,280 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
         seen.delete(&pid);
     return 0;
 }
+
+#ifdef DWARF_UNWIND
+// ---------------------------------------------------------------------------
+// Table-driven user stack unwinding (x86_64).
+//
+// User space turns each binary's .eh_frame into sorted rows (one per PC range:
+// how to find the CFA and where rbp is saved; the return address is at CFA-8)
+// and writes them into one global array, unwind_rows. unwind_mappings, an LPM
+// trie keyed by (pid, address prefix), gives for an address the binary's row
+// range and the bias between runtime addresses and table PCs.
+//
+// The walk starts from the user registers of the sample (the interrupted ones,
+// or, in kernel mode, the task's saved user pt_regs from bpf_task_pt_regs, which
+// needs no struct layout). Each frame is a table step when a row covers the PC,
+// else a frame-pointer step. on_cpu_clock tail-calls unwind_user, which walks
+// FRAMES_PER_CALL frames and tail-calls itself until the stack ends; the state
+// lives in a per-CPU array (perf_event programs do not nest on a CPU). The
+// finished stack is stored under a 64-bit hash of its frames in the slot's
+// user stack map, so equal stacks aggregate in the counts map as before.
+#define MAX_USER_FRAMES 127
+#define FRAMES_PER_CALL 6
+#define MAX_UNWIND_CALLS 30     // the kernel allows 33 tail calls in a chain
+#define SEARCH_STEPS 24         // binary search over up to 2^24 rows of one binary
+#define HASH_SEED 0xcbf29ce484222325ULL
+#define HASH_MULTIPLIER 0x9e3779b97f4a7c15ULL
+
+// Keep in step with agent/unwind/table.py.
+enum cfa_kind {
+    CFA_NONE,         // no unwind info for this PC (a gap): frame-pointer step
+    CFA_RSP,          // CFA = rsp + offset
+    CFA_RBP,          // CFA = rbp + offset
+    CFA_PLT,          // PLT stub: CFA = rsp + 8 + ((rip & 15) >= offset ? 8 : 0)
+    CFA_END,          // outermost frame (return address undefined): the stack ends here
+    CFA_UNSUPPORTED,  // a rule the walker cannot follow: frame-pointer step
+};
+
+// Keep in step with UNWIND_STATS in agent/sampler/convert.py.
+enum unwind_stat {
+    STAT_TABLE_FRAMES,   // frames stepped with a table row
+    STAT_FP_FRAMES,      // frames stepped with the frame pointer (no row)
+    STAT_STACK_END,      // walks that reached an outermost frame
+    STAT_READ_ERROR,     // walks stopped by unreadable user memory or a zero frame
+    STAT_TRUNCATED,      // walks that hit MAX_USER_FRAMES or the tail-call limit
+    STAT_NO_USER_REGS,   // samples without user registers (kernel threads)
+    STAT_TAIL_CALL_FAILED,
+    UNWIND_STATS,
+};
+
+struct unwind_row {
+    u32 pc;           // table PC where this row starts
+    u8 cfa_kind;
+    u8 rbp_offset;    // an s8: rbp saved at CFA + 8 * rbp_offset; 0: rbp unchanged
+    s16 cfa_offset;
+};
+
+struct mapping_key {
+    u32 prefixlen;    // 32 (pid) + address bits that matter
+    u32 pid_be;       // big-endian, like the address: LPM matches bytes in order
+    u64 address_be;
+};
+
+struct mapping_value {
+    u64 bias;         // table PC = runtime address - bias
+    u32 first_row;    // the binary's rows: unwind_rows[first_row, first_row + row_count)
+    u32 row_count;
+};
+
+struct user_stack {
+    u64 len;
+    u64 ips[MAX_USER_FRAMES];
+};
+
+struct unwind_state {
+    u64 ip;
+    u64 sp;
+    u64 bp;
+    u64 hash;
+    u32 tid;
+    u32 calls;
+    struct sample_key key;
+    struct user_stack stack;
+};
+
+enum step_result { STEP_CONTINUE, STEP_DONE, STEP_TRY_FP };
+
+BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS);
+BPF_F_TABLE("lpm_trie", struct mapping_key, struct mapping_value, unwind_mappings,
+            UNWIND_MAPPINGS, BPF_F_NO_PREALLOC);
+// Not preallocated: only the stacks a window holds take memory (1 KiB each).
+BPF_F_TABLE("hash", u64, struct user_stack, user_stacks0, STACK_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, struct user_stack, user_stacks1, STACK_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
+BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
+BPF_PROG_ARRAY(unwind_programs, 1);
+
+static __always_inline void count_stat(u32 stat) {
+    u64 *n = unwind_stats.lookup(&stat);
+    if (n)
+        (*n)++;
+}
+
+static __always_inline int user_registers(struct bpf_perf_event_data *ctx,
+                                          struct unwind_state *st) {
+    if ((ctx->regs.cs & 3) == 3) {  // the tick interrupted user mode
+        st->ip = ctx->regs.ip;
+        st->sp = ctx->regs.sp;
+        st->bp = ctx->regs.bp;
+        return 1;
+    }
+    struct pt_regs regs = {};
+    struct task_struct *task = bpf_get_current_task_btf();
+    void *saved = (void *)bpf_task_pt_regs(task);
+    if (bpf_probe_read_kernel(&regs, sizeof(regs), saved) != 0 || (regs.cs & 3) != 3)
+        return 0;  // a kernel thread has no user registers
+    st->ip = regs.ip;
+    st->sp = regs.sp;
+    st->bp = regs.bp;
+    return 1;
+}
+
+static __always_inline int start_table_unwind(struct bpf_perf_event_data *ctx,
+                                              struct sample_key *key, u32 tid) {
+    u32 zero = 0;
+    struct unwind_state *st = unwind_state.lookup(&zero);
+    if (!st)
+        return 0;
+    if (!user_registers(ctx, st)) {
+        count_stat(STAT_NO_USER_REGS);
+        return 0;  // the caller records the sample without a user stack
+    }
+    st->key = *key;
+    st->tid = tid;
+    st->hash = HASH_SEED;
+    st->calls = 0;
+    st->stack.len = 0;
+    unwind_programs.call(ctx, 0);
+    count_stat(STAT_TAIL_CALL_FAILED);
+    return 0;  // not loaded yet: frame pointers it is
+}
+
+static __always_inline struct unwind_row *find_row(struct mapping_value *m, u64 table_pc) {
+    if (table_pc > 0xffffffffULL)
+        return NULL;
+    u32 pc = (u32)table_pc;
+    u32 first = m->first_row;
+    u32 lo = first, hi = first + m->row_count;
+    // Find the first row whose pc is above ours; the row before it covers us.
+    for (int i = 0; i < SEARCH_STEPS; i++) {
+        if (lo >= hi)
+            break;
+        u32 mid = lo + ((hi - lo) >> 1);
+        struct unwind_row *row = unwind_rows.lookup(&mid);
+        if (!row)
+            return NULL;
+        if (row->pc <= pc)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == first)
+        return NULL;
+    u32 index = lo - 1;
+    return unwind_rows.lookup(&index);
+}
+
+static __always_inline int table_step(struct unwind_state *st, struct unwind_row *row) {
+    u64 cfa;
+    switch (row->cfa_kind) {
+    case CFA_RSP:
+        cfa = st->sp + row->cfa_offset;
+        break;
+    case CFA_RBP:
+        cfa = st->bp + row->cfa_offset;
+        break;
+    case CFA_PLT:
+        cfa = st->sp + 8 + ((st->ip & 15) >= (u64)row->cfa_offset ? 8 : 0);
+        break;
+    case CFA_END:
+        count_stat(STAT_STACK_END);
+        return STEP_DONE;
+    default:
+        return STEP_TRY_FP;
+    }
+    u64 ra = 0;
+    if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)) != 0 || ra == 0) {
+        count_stat(STAT_READ_ERROR);
+        return STEP_DONE;
+    }
+    if (row->rbp_offset != 0) {
+        u64 bp = 0;
+        if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + 8 * (s64)(s8)row->rbp_offset)) != 0) {
+            count_stat(STAT_READ_ERROR);
+            return STEP_DONE;
+        }
+        st->bp = bp;
+    }
+    st->sp = cfa;
+    st->ip = ra;
+    count_stat(STAT_TABLE_FRAMES);
+    return STEP_CONTINUE;
+}
+
+static __always_inline int frame_pointer_step(struct unwind_state *st) {
+    u64 frame[2] = {};  // saved rbp, return address
+    if (st->bp == 0 || bpf_probe_read_user(frame, sizeof(frame), (void *)st->bp) != 0 ||
+        frame[1] == 0) {
+        count_stat(STAT_READ_ERROR);
+        return STEP_DONE;
+    }
+    st->sp = st->bp + 16;
+    st->bp = frame[0];
+    st->ip = frame[1];
+    count_stat(STAT_FP_FRAMES);
+    return STEP_CONTINUE;
+}
+
+// Record the current frame, then step to its caller.
+static __always_inline int unwind_frame(struct unwind_state *st) {
+    u64 len = st->stack.len;
+    if (len >= MAX_USER_FRAMES) {
+        count_stat(STAT_TRUNCATED);
+        return STEP_DONE;
+    }
+    st->stack.ips[len] = st->ip;
+    st->stack.len = len + 1;
+    st->hash = (st->hash ^ st->ip) * HASH_MULTIPLIER;
+    st->hash ^= st->hash >> 29;
+
+    // A caller's ip is a return address: look up the call instruction before it.
+    u64 pc = len == 0 ? st->ip : st->ip - 1;
+    struct mapping_key key = {
+        .prefixlen = 96,
+        .pid_be = __builtin_bswap32(st->key.pid),
+        .address_be = __builtin_bswap64(pc),
+    };
+    struct mapping_value *mapping = unwind_mappings.lookup(&key);
+    if (mapping) {
+        struct unwind_row *row = find_row(mapping, pc - mapping->bias);
+        if (row) {
+            int result = table_step(st, row);
+            if (result != STEP_TRY_FP)
+                return result;
+        }
+    }
+    return frame_pointer_step(st);
+}
+
+static __always_inline void store_user_stack(struct unwind_state *st) {
+    u64 hash = st->hash & 0x7fffffffffffffffULL;  // ids >= 0; negative ids mean errors
+    int err = st->key.slot == 0 ? user_stacks0.insert(&hash, &st->stack)
+                                : user_stacks1.insert(&hash, &st->stack);
+    // EEXIST: the same stack is already stored (a 64-bit hash collision is negligible).
+    st->key.user_stack_id = (err == 0 || err == -ERR_EXIST) ? (s64)hash : -ERR_NOSPC;
+}
+
+int unwind_user(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = unwind_state.lookup(&zero);
+    if (!st)
+        return 0;
+    for (int i = 0; i < FRAMES_PER_CALL; i++) {
+        if (unwind_frame(st) != STEP_CONTINUE)
+            goto done;
+    }
+    st->calls++;
+    if (st->calls < MAX_UNWIND_CALLS)
+        unwind_programs.call(ctx, 0);
+    count_stat(STAT_TRUNCATED);
+done:
+    if (st->stack.len > 0)
+        store_user_stack(st);
+    else
+        st->key.user_stack_id = -ERR_FAULT;
+    finish_sample(&st->key, st->tid);
+    return 0;
+}
+#endif  // DWARF_UNWIND

@@ -24,6 +24,17 @@ LOST_REASONS = (
 # The reasons that concern samples (Window.lost, strobe_samples_lost).
 SAMPLE_LOSS_REASONS = LOST_REASONS[:5]
 
+# Index order of the BPF `unwind_stats` array (enum unwind_stat in bpf/profile.bpf.c).
+UNWIND_STATS = (
+    "table_frames",  # frames stepped with an unwind table row
+    "frame_pointer_frames",  # frames stepped with the frame pointer (no row)
+    "stack_end",  # walks that reached an outermost frame
+    "read_error",  # walks stopped by unreadable user memory or a zero return address
+    "truncated",  # walks cut at 127 frames or at the tail-call limit
+    "no_user_registers",  # samples without user registers (kernel threads)
+    "tail_call_failed",  # walker not loaded: the sample fell back to frame pointers
+)
+
 EVENT_FIRST_SAMPLE = 0
 EVENT_EXEC = 1
 
@@ -34,7 +45,7 @@ class RawCount:
 
     slot: int
     pid: int
-    user_stack_id: int  # < 0 means no user stack (-errno)
+    user_stack_id: int  # < 0 means no user stack (-errno); a stack id or a stack hash
     kernel_stack_id: int
     comm: bytes  # NUL-padded, as the kernel wrote it
     count: int
@@ -69,14 +80,19 @@ def entries_of_slot(entries: Iterable[RawCount], slot: int) -> list[RawCount]:
 
 
 def to_stack_samples(
-    entries: Iterable[RawCount], stacks: Mapping[int, tuple[int, ...]]
+    entries: Iterable[RawCount],
+    stacks: Mapping[int, tuple[int, ...]],
+    user_stacks: Mapping[int, tuple[int, ...]] | None = None,
 ) -> tuple[StackSample, ...]:
     """Resolve stack ids and merge entries that end up with the same stack.
 
-    Negative ids (errors, or no stack of that kind) and ids missing from `stacks`
-    resolve to an empty stack. Entries that differ only in their error code merge.
+    Kernel stack ids resolve in `stacks`, user stack ids in `user_stacks` (the same
+    map when user stacks come from frame pointers, the default). Negative ids (errors,
+    or no stack of that kind) and ids missing from their map resolve to an empty
+    stack. Entries that differ only in their error code merge.
     Result order: most samples first, then by pid, so output is deterministic.
     """
+    user_stacks = stacks if user_stacks is None else user_stacks
     merged: dict[tuple[int, str, tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for entry in entries:
         if entry.count <= 0:
@@ -84,7 +100,7 @@ def to_stack_samples(
         key = (
             entry.pid,
             decode_comm(entry.comm),
-            _resolve(entry.user_stack_id, stacks),
+            _resolve(entry.user_stack_id, user_stacks),
             _resolve(entry.kernel_stack_id, stacks),
         )
         total_and_tid = merged.setdefault(key, [0, entry.tid])
@@ -115,6 +131,11 @@ def lost_deltas(previous: Sequence[int], current: Sequence[int]) -> dict[str, in
 def new_pids(events: Iterable[PidEvent]) -> list[int]:
     """Distinct pids of `events`, in the order they first appear."""
     return list(dict.fromkeys(event.pid for event in events))
+
+
+def swap_bytes(value: int, size: int) -> int:
+    """The integer whose little-endian bytes are value's big-endian bytes."""
+    return int.from_bytes(value.to_bytes(size, "big"), "little")
 
 
 def fill_ratio(entries: int, capacity: int) -> float:

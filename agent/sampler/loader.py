@@ -16,8 +16,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.sampler.convert import LOST_REASONS, PidEvent, RawCount, stack_addresses
+from agent.sampler.convert import (
+    LOST_REASONS,
+    UNWIND_STATS,
+    PidEvent,
+    RawCount,
+    stack_addresses,
+    swap_bytes,
+)
 from agent.sampler.kernel_headers import HeaderChoice, find_kernel_headers
+from agent.unwind.mappings import MappingTarget, Prefix
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,9 @@ DEFAULT_COUNTS_ENTRIES = 16384
 DEFAULT_STACK_ENTRIES = 16384  # per slot; a stack-map entry is ~1 KiB (127 frames)
 SEEN_ENTRIES = 65536
 EVENT_PAGES = 64  # ring buffer of 256 KiB: ~16k pid events between polls
+DEFAULT_UNWIND_ROWS = 2_000_000  # 8 bytes each: 16 MB of unwind table rows
+DEFAULT_UNWIND_MAPPINGS = 262_144  # LPM trie entries (pid, address prefix); allocated on use
+ROW_WRITE_BATCH = 65_536
 
 
 class _PidEventStruct(ctypes.Structure):
@@ -47,12 +58,14 @@ def load_sampler_program(
     *,
     counts_entries: int = DEFAULT_COUNTS_ENTRIES,
     stack_entries: int = DEFAULT_STACK_ENTRIES,
+    unwind_rows: int = 0,
     headers: HeaderChoice | None = None,
 ) -> SamplerProgram:
     """Compile and load the sampler (not attached yet; call `attach()`).
 
-    Raises KernelHeadersError when no headers are usable, and bcc's exceptions when
-    the kernel refuses the program.
+    unwind_rows > 0 builds the table-driven user stack walker with that many rows;
+    0 keeps frame-pointer user stacks only. Raises KernelHeadersError when no headers
+    are usable, and bcc's exceptions when the kernel refuses the program.
     """
     if frequency <= 0:
         raise ValueError(f"sampling frequency must be positive, got {frequency}")
@@ -63,13 +76,25 @@ def load_sampler_program(
         f"-DSEEN_ENTRIES={SEEN_ENTRIES}",
         f"-DEVENT_PAGES={EVENT_PAGES}",
     ]
+    if unwind_rows > 0:
+        cflags += [
+            "-DDWARF_UNWIND",
+            f"-DUNWIND_ROWS={unwind_rows}",
+            f"-DUNWIND_MAPPINGS={DEFAULT_UNWIND_MAPPINGS}",
+        ]
     source = bpf_source_path().read_text()
     with _environment(headers.bcc_environment()):
         from bcc import BPF  # heavy (LLVM): imported only when compiling
 
         bpf = BPF(text=source.encode(), cflags=cflags)
-    program = SamplerProgram(bpf, frequency, counts_entries, stack_entries)
-    program.set_pid_filter(pid_filter)
+    try:
+        program = SamplerProgram(bpf, frequency, counts_entries, stack_entries, unwind_rows)
+        program.set_pid_filter(pid_filter)
+        if unwind_rows > 0:
+            program.load_unwinder()  # the verifier's verdict, before anything is attached
+    except BaseException:
+        bpf.cleanup()
+        raise
     return program
 
 
@@ -91,18 +116,40 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 class SamplerProgram:
     """The loaded BPF sampler: maps as plain values, attach/detach, pid events."""
 
-    def __init__(self, bpf: Any, frequency: int, counts_entries: int, stack_entries: int):
+    def __init__(
+        self,
+        bpf: Any,
+        frequency: int,
+        counts_entries: int,
+        stack_entries: int,
+        unwind_rows: int = 0,
+    ):
         self._bpf = bpf
         self.frequency = frequency
         self.counts_capacity = counts_entries
         self.stacks_capacity = stack_entries
+        self.unwind_rows_capacity = unwind_rows  # 0: frame pointers only
         self._counts = bpf[b"counts"]
         self._stacks = (bpf[b"stacks0"], bpf[b"stacks1"])
+        self._user_stacks = (
+            (bpf[b"user_stacks0"], bpf[b"user_stacks1"]) if unwind_rows else self._stacks
+        )
         self._control = bpf[b"control"]
         self._lost = bpf[b"lost"]
         self._events: list[PidEvent] = []
         self._ring_open = False
         self._closed = False
+
+    @property
+    def table_unwinding(self) -> bool:
+        return self.unwind_rows_capacity > 0
+
+    def load_unwinder(self) -> None:
+        """Verify and load the table walker and put it where on_cpu_clock tail-calls it."""
+        from bcc import BPF
+
+        walker = self._bpf.load_func(b"unwind_user", BPF.PERF_EVENT)
+        self._bpf[b"unwind_programs"][ctypes.c_int(0)] = ctypes.c_int(walker.fd)
 
     def attach(self) -> None:
         """Start sampling every online CPU and watching exec/exit. Call once."""
@@ -153,10 +200,56 @@ class SamplerProgram:
         return stacks
 
     def delete_stacks(self, slot: int, stack_ids: Sequence[int]) -> None:
-        table = self._stacks[slot & 1]
-        for stack_id in stack_ids:
+        _delete_keys(self._stacks[slot & 1], stack_ids)
+
+    def read_user_stacks(self, slot: int) -> dict[int, tuple[int, ...]]:
+        """The slot's user stacks: id -> addresses (the stack map itself without tables)."""
+        if not self.table_unwinding:
+            return self.read_stacks(slot)
+        table = self._user_stacks[slot & 1]
+        stacks = {}
+        for key in list(table.keys()):
             with contextlib.suppress(KeyError):
-                del table[table.Key(stack_id)]
+                value = table[key]
+                stacks[key.value] = tuple(value.ips[: min(int(value.len), len(value.ips))])
+        return stacks
+
+    def delete_user_stacks(self, slot: int, stack_ids: Sequence[int]) -> None:
+        _delete_keys(self._user_stacks[slot & 1], stack_ids)
+
+    def read_unwind_stats(self) -> tuple[int, ...]:
+        """Cumulative walker counters (summed over CPUs), in UNWIND_STATS order."""
+        if not self.table_unwinding:
+            return (0,) * len(UNWIND_STATS)
+        stats = self._bpf[b"unwind_stats"]
+        return tuple(int(stats.sum(i).value) for i in range(len(UNWIND_STATS)))
+
+    def write_unwind_rows(self, first_row: int, packed_rows: bytes) -> None:
+        """Write packed rows (8 bytes each) at first_row of the global rows array."""
+        rows = self._bpf[b"unwind_rows"]
+        size = ctypes.sizeof(rows.Leaf)
+        count = len(packed_rows) // size
+        if count * size != len(packed_rows) or first_row + count > self.unwind_rows_capacity:
+            raise ValueError(f"{count} rows at {first_row} do not fit the rows array")
+        for done in range(0, count, ROW_WRITE_BATCH):
+            n = min(ROW_WRITE_BATCH, count - done)
+            keys = (rows.Key * n)(*range(first_row + done, first_row + done + n))
+            chunk = packed_rows[done * size : (done + n) * size]
+            rows.items_update_batch(keys, (rows.Leaf * n).from_buffer_copy(chunk))
+
+    def add_unwind_mappings(
+        self, pid: int, prefixes: Sequence[Prefix], target: MappingTarget
+    ) -> None:
+        table = self._bpf[b"unwind_mappings"]
+        value = table.Leaf(target.bias, target.first_row, target.row_count)
+        for prefix in prefixes:
+            table[_mapping_key(table, pid, prefix)] = value
+
+    def remove_unwind_mappings(self, pid: int, prefixes: Sequence[Prefix]) -> None:
+        table = self._bpf[b"unwind_mappings"]
+        for prefix in prefixes:
+            with contextlib.suppress(KeyError):
+                del table[_mapping_key(table, pid, prefix)]
 
     def read_lost(self) -> tuple[int, ...]:
         """Cumulative loss counters (summed over CPUs), in LOST_REASONS order."""
@@ -184,6 +277,17 @@ class SamplerProgram:
             return
         self._closed = True
         self._bpf.cleanup()
+
+
+def _delete_keys(table: Any, ids: Sequence[int]) -> None:
+    for stack_id in ids:
+        with contextlib.suppress(KeyError):
+            del table[table.Key(stack_id)]
+
+
+def _mapping_key(table: Any, pid: int, prefix: Prefix) -> Any:
+    """struct mapping_key: pid and address big-endian, so the trie matches high bits first."""
+    return table.Key(32 + prefix.bits, swap_bytes(pid, 4), swap_bytes(prefix.address, 8))
 
 
 def _raw_count(key: Any, value: Any) -> RawCount:

@@ -10,18 +10,28 @@
 Draining loses nothing: the BPF program writes to the slot in its control map; a
 drain flips the slot, waits out samples in flight, then reads and deletes only the
 old slot's counts and stacks while new samples land in the other slot.
+
+User stacks (`unwinder`):
+    fp     frame pointers only (bpf_get_stackid), no tables.
+    dwarf  tables from .eh_frame/.debug_frame walked in BPF, frame-pointer steps where
+           no table covers an address; refuses to start if the kernel rejects the walker.
+    auto   dwarf when the kernel accepts the walker, else fp (with a warning).
+With tables, hand each new process to `prepare_unwind` (non-blocking): a worker thread
+builds and loads its binaries' tables; until then its stacks use frame pointers.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from types import TracebackType
 
 from agent import metrics
-from agent.model import Window
+from agent.model import ProcessInfo, Window
 from agent.sampler.convert import (
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
+    UNWIND_STATS,
     entries_of_slot,
     fill_ratio,
     lost_deltas,
@@ -31,9 +41,16 @@ from agent.sampler.convert import (
 from agent.sampler.loader import (
     DEFAULT_COUNTS_ENTRIES,
     DEFAULT_STACK_ENTRIES,
+    DEFAULT_UNWIND_ROWS,
     SamplerProgram,
     load_sampler_program,
 )
+from agent.unwind.registry import UnwindTables
+from agent.unwind.worker import UnwindWorker
+
+log = logging.getLogger(__name__)
+
+UNWINDERS = ("fp", "dwarf", "auto")
 
 # A BPF program that read the old slot just before the flip runs to its end within
 # microseconds (it runs in timer interrupt context); this grace covers it with room.
@@ -48,6 +65,8 @@ class Sampler:
         frequency: int = 19,
         pid: int | None = None,
         *,
+        unwinder: str = "auto",
+        unwind_table_rows: int = DEFAULT_UNWIND_ROWS,
         counts_entries: int = DEFAULT_COUNTS_ENTRIES,
         stack_entries: int = DEFAULT_STACK_ENTRIES,
     ) -> None:
@@ -55,11 +74,19 @@ class Sampler:
             raise ValueError(f"sampling frequency must be positive, got {frequency}")
         if pid is not None and pid <= 0:
             raise ValueError(f"pid filter must be a positive pid, got {pid}")
+        if unwinder not in UNWINDERS:
+            raise ValueError(f"unwinder must be one of {', '.join(UNWINDERS)}, got {unwinder!r}")
+        if unwind_table_rows <= 0:
+            raise ValueError(f"unwind_table_rows must be positive, got {unwind_table_rows}")
         self.frequency = frequency
         self.pid = pid
+        self.unwinder = unwinder
+        self._unwind_rows = unwind_table_rows
         self._counts_entries = counts_entries
         self._stack_entries = stack_entries
         self._program: SamplerProgram | None = None
+        self._unwind_worker: UnwindWorker | None = None
+        self._unwind_seen: tuple[int, ...] = ()
         self._slot = 0
         self._window_start_ns = 0
         self._lost_seen: tuple[int, ...] = ()
@@ -69,21 +96,72 @@ class Sampler:
         """Compile, load and attach the BPF program (about 2 s: LLVM compiles it)."""
         if self._program is not None:
             raise RuntimeError("sampler already started")
-        program = load_sampler_program(
-            self.frequency,
-            self.pid,
-            counts_entries=self._counts_entries,
-            stack_entries=self._stack_entries,
-        )
+        program = self._load_program()
         try:
             program.set_slot(self._slot)
             self._lost_seen = program.read_lost()
+            self._unwind_seen = program.read_unwind_stats()
+            if program.table_unwinding:
+                self._unwind_worker = UnwindWorker(UnwindTables(program))
+                self._unwind_worker.start()
             self._window_start_ns = time.time_ns()
             program.attach()
         except BaseException:
+            self._stop_unwind_worker()
             program.close()
             raise
         self._program = program
+
+    def _load_program(self) -> SamplerProgram:
+        def load(unwind_rows: int) -> SamplerProgram:
+            return load_sampler_program(
+                self.frequency,
+                self.pid,
+                counts_entries=self._counts_entries,
+                stack_entries=self._stack_entries,
+                unwind_rows=unwind_rows,
+            )
+
+        if self.unwinder == "fp":
+            return load(0)
+        try:
+            return load(self._unwind_rows)
+        except Exception as exc:
+            if self.unwinder == "dwarf":
+                raise
+            log.warning("table unwinder refused (%s); using frame pointers", exc)
+            return load(0)
+
+    @property
+    def unwind_mode(self) -> str:
+        """ "dwarf" when tables are in use, "fp" otherwise (decided at start)."""
+        return "dwarf" if self._unwind_worker is not None else "fp"
+
+    @property
+    def unwind_tables(self) -> UnwindTables | None:
+        """The table registry (None with frame pointers only)."""
+        return self._unwind_worker.tables if self._unwind_worker else None
+
+    def prepare_unwind(self, process: ProcessInfo) -> None:
+        """Queue a new process for its unwind tables; never blocks; no-op without tables."""
+        if self._unwind_worker is not None:
+            self._unwind_worker.submit(process)
+
+    def wait_unwind_ready(self, timeout: float) -> bool:
+        """Wait until every queued process has its tables (one-shot use and tests)."""
+        worker = self._unwind_worker
+        return worker.wait_idle(timeout) if worker is not None else True
+
+    def unwind_stats(self) -> dict[str, int]:
+        """Walker counters since the previous call (zeros with frame pointers only)."""
+        program = self._require_started()
+        current = program.read_unwind_stats()
+        previous = self._unwind_seen or (0,) * len(current)
+        self._unwind_seen = current
+        return {
+            name: max(0, now - before)
+            for name, now, before in zip(UNWIND_STATS, current, previous, strict=True)
+        }
 
     def poll_new_pids(self, timeout_ms: int = 0) -> list[int]:
         """Pids sampled for the first time or exec'd since the last call (deduplicated).
@@ -106,9 +184,12 @@ class Sampler:
         entries = program.read_counts()
         drained = entries_of_slot(entries, old_slot)
         stacks = program.read_stacks(old_slot)
-        samples = to_stack_samples(drained, stacks)
+        user_stacks = program.read_user_stacks(old_slot)
+        samples = to_stack_samples(drained, stacks, user_stacks)
         program.delete_counts(drained)
         program.delete_stacks(old_slot, list(stacks))
+        if program.table_unwinding:
+            program.delete_user_stacks(old_slot, list(user_stacks))
         lost = self._take_lost(program)
 
         window = Window(start_ns=self._window_start_ns, end_ns=end_ns, samples=samples, lost=lost)
@@ -131,9 +212,15 @@ class Sampler:
 
     def close(self) -> None:
         """Detach from the kernel and free the maps. Idempotent."""
+        self._stop_unwind_worker()
         program, self._program = self._program, None
         if program is not None:
             program.close()
+
+    def _stop_unwind_worker(self) -> None:
+        worker, self._unwind_worker = self._unwind_worker, None
+        if worker is not None:
+            worker.close()
 
     def __enter__(self) -> Sampler:
         return self

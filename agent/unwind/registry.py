@@ -1,0 +1,261 @@
+"""Unwind tables shared by binary across processes, in bounded BPF memory.
+
+    tables = UnwindTables(maps)        # maps: the loaded sampler program
+    tables.prepare(process)            # build/load its binaries' tables, route its mappings
+    tables.sweep()                     # forget exited processes, free unused tables
+
+A binary is identified by its GNU build id (else dev:inode:mtime:size), so the table
+of libc is built once and its rows are written once, whatever the number of processes
+mapping it. A table lives in one contiguous range of the global rows array while at
+least one process maps it; when its last process goes, the range is freed.
+
+Thread-safe (one lock): a worker thread prepares and sweeps while a test or the
+pipeline may prepare directly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from agent.model import Mapping, ProcessInfo
+from agent.process.reader import PROC, read_start
+from agent.symbolize.binaries import VDSO, open_mapped_file, own_vdso
+from agent.symbolize.elf import ElfInfo, ElfReadError, LoadSegment, read_build_id
+from agent.unwind.allocator import RowAllocator
+from agent.unwind.mappings import MappingTarget, Prefix, address_prefixes, table_bias
+from agent.unwind.table import UnwindTableError, read_unwind_table
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_FAILURES = 4096
+
+
+class UnwindMaps(Protocol):
+    """The BPF maps the tables go into (implemented by the loaded sampler program)."""
+
+    @property
+    def unwind_rows_capacity(self) -> int: ...
+
+    def write_unwind_rows(self, first_row: int, packed_rows: bytes) -> None: ...
+
+    def add_unwind_mappings(
+        self, pid: int, prefixes: Sequence[Prefix], target: MappingTarget
+    ) -> None: ...
+
+    def remove_unwind_mappings(self, pid: int, prefixes: Sequence[Prefix]) -> None: ...
+
+
+@dataclass(frozen=True)
+class BinarySource:
+    """A mapped file we can read: its cache key and how to open it."""
+
+    key: str
+    open: Callable[[], IO[bytes]]
+
+
+@dataclass
+class _LoadedTable:
+    first_row: int
+    row_count: int
+    base: int
+    loads: tuple[LoadSegment, ...]
+    users: set[int] = field(default_factory=set)  # pids
+
+
+@dataclass
+class _Process:
+    start_time: int
+    routes: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]]  # (start, end) -> key, prefixes
+
+
+@dataclass(frozen=True)
+class UnwindTableStats:
+    tables: int
+    rows_used: int
+    rows_capacity: int
+    processes: int
+    failed_binaries: int
+
+
+class UnwindTables:
+    """Tables by binary key, routes by pid; see the module docstring."""
+
+    def __init__(
+        self,
+        maps: UnwindMaps,
+        *,
+        proc: Path = PROC,
+        resolve: Callable[[int, Mapping], BinarySource | None] | None = None,
+    ) -> None:
+        self._maps = maps
+        self._proc = proc
+        self._resolve = resolve or (lambda pid, mapping: resolve_binary(pid, mapping, proc))
+        self._allocator = RowAllocator(maps.unwind_rows_capacity)
+        self._tables: dict[str, _LoadedTable] = {}
+        self._processes: dict[int, _Process] = {}
+        self._failed: OrderedDict[str, int] = OrderedDict()  # key -> rows needed (0: no table)
+        self._lock = threading.Lock()
+
+    def prepare(self, process: ProcessInfo) -> int:
+        """Load tables for the process's executable mappings and route its addresses.
+
+        Replaces what was routed for this pid before (an exec, or a pid reused by a new
+        process). Returns how many mappings now have a table.
+        """
+        with self._lock:
+            old = self._processes.get(process.pid)
+            if old is not None and old.start_time != process.start_time:
+                self._forget(process.pid)
+                old = None
+            routes: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]] = {}
+            for mapping in process.mappings:
+                route = self._route(process.pid, mapping)
+                if route is not None:
+                    routes[(mapping.start, mapping.end)] = route
+            self._replace_routes(process.pid, old, routes)
+            self._processes[process.pid] = _Process(process.start_time, routes)
+            return len(routes)
+
+    def forget(self, pid: int) -> None:
+        """Drop the pid's routes; tables no process uses any more are freed."""
+        with self._lock:
+            self._forget(pid)
+
+    def sweep(self) -> int:
+        """Forget processes that exited (or whose pid now names another process)."""
+        with self._lock:
+            gone = [pid for pid, entry in self._processes.items() if not self._alive(pid, entry)]
+            for pid in gone:
+                self._forget(pid)
+            return len(gone)
+
+    def stats(self) -> UnwindTableStats:
+        with self._lock:
+            return UnwindTableStats(
+                tables=len(self._tables),
+                rows_used=self._allocator.used,
+                rows_capacity=self._allocator.capacity,
+                processes=len(self._processes),
+                failed_binaries=len(self._failed),
+            )
+
+    def table_users(self, key: str) -> set[int]:
+        """Pids whose mappings use the table of binary `key` (empty when not loaded)."""
+        with self._lock:
+            table = self._tables.get(key)
+            return set(table.users) if table else set()
+
+    def _alive(self, pid: int, entry: _Process) -> bool:
+        try:
+            return read_start(pid, self._proc)[1] == entry.start_time
+        except (OSError, ValueError):
+            return False
+
+    def _route(self, pid: int, mapping: Mapping) -> tuple[str, tuple[Prefix, ...]] | None:
+        source = self._resolve(pid, mapping)
+        if source is None:
+            return None
+        table = self._tables.get(source.key) or self._load(source)
+        if table is None:
+            return None
+        bias = table_bias(mapping, table.loads, table.base)
+        if bias is None:
+            return None
+        prefixes = address_prefixes(mapping.start, mapping.end)
+        target = MappingTarget(bias, table.first_row, table.row_count)
+        try:
+            self._maps.add_unwind_mappings(pid, prefixes, target)
+        except Exception as exc:  # the mappings map is full: this mapping stays on frame pointers
+            log.warning("unwind mappings for pid %d not added: %s", pid, exc)
+            return None
+        table.users.add(pid)
+        return source.key, prefixes
+
+    def _load(self, source: BinarySource) -> _LoadedTable | None:
+        """Build the binary's table and write it into free rows; None when impossible."""
+        needed = self._failed.get(source.key)
+        if needed is not None and (needed == 0 or needed > self._allocator.largest_free):
+            return None
+        try:
+            with source.open() as stream:
+                table = read_unwind_table(stream)
+        except (OSError, UnwindTableError) as exc:
+            log.debug("no unwind table for %s: %s", source.key, exc)
+            self._remember_failure(source.key, 0)
+            return None
+        first_row = self._allocator.allocate(len(table))
+        if first_row is None:
+            log.warning("unwind rows full: %s needs %d rows", source.key, len(table))
+            self._remember_failure(source.key, len(table))
+            return None
+        self._failed.pop(source.key, None)
+        self._maps.write_unwind_rows(first_row, table.packed())
+        loaded = _LoadedTable(first_row, len(table), table.base, table.loads)
+        self._tables[source.key] = loaded
+        return loaded
+
+    def _remember_failure(self, key: str, rows_needed: int) -> None:
+        self._failed[key] = rows_needed
+        self._failed.move_to_end(key)
+        while len(self._failed) > MAX_REMEMBERED_FAILURES:
+            self._failed.popitem(last=False)
+
+    def _replace_routes(
+        self,
+        pid: int,
+        old: _Process | None,
+        new: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]],
+    ) -> None:
+        if old is None:
+            return
+        kept = {prefix for _, prefixes in new.values() for prefix in prefixes}
+        stale = [p for _, prefixes in old.routes.values() for p in prefixes if p not in kept]
+        self._maps.remove_unwind_mappings(pid, stale)
+        still_used = {key for key, _ in new.values()}
+        for key, _ in old.routes.values():
+            if key not in still_used:
+                self._release(key, pid)
+
+    def _forget(self, pid: int) -> None:
+        entry = self._processes.pop(pid, None)
+        if entry is None:
+            return
+        for key, prefixes in entry.routes.values():
+            self._maps.remove_unwind_mappings(pid, prefixes)
+            self._release(key, pid)
+
+    def _release(self, key: str, pid: int) -> None:
+        table = self._tables.get(key)
+        if table is None:
+            return
+        table.users.discard(pid)
+        if not table.users:
+            del self._tables[key]
+            self._allocator.free(table.first_row)  # refused binaries may fit now
+
+
+def resolve_binary(pid: int, mapping: Mapping, proc: Path = PROC) -> BinarySource | None:
+    """The mapped file (or the vDSO) behind an executable mapping, keyed for sharing."""
+    if mapping.path == VDSO:
+        image = own_vdso()
+        if image is None:
+            return None
+        try:
+            build_id = ElfInfo.from_stream(io.BytesIO(image)).build_id
+        except ElfReadError:
+            return None
+        return BinarySource(f"vdso:{build_id}", lambda: io.BytesIO(image))
+    opened = open_mapped_file(pid, mapping, proc)
+    if opened is None:
+        return None
+    build_id = read_build_id(opened.path)
+    key = f"buildid:{build_id}" if build_id else opened.file_key
+    path = opened.path
+    return BinarySource(key, lambda: open(path, "rb"))
