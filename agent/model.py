@@ -68,6 +68,7 @@ class Frame:
     file: str = ""
     line: int = 0
     start_line: int = 0
+    system_name: str = ""  # the raw (mangled) symbol when it differs from `function`
 
 
 @dataclass(frozen=True)

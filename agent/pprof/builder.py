@@ -142,16 +142,16 @@ class _ProfileTables:
         return mapping_id
 
     def _function_id(self, frame: Frame) -> int:
-        # Frame carries one (demangled or raw) name: it serves as both name and system name.
-        key = (frame.function, frame.function, frame.file, frame.start_line)
+        # The demangled name is the name; the raw symbol, when the frame kept one, the system name.
+        system_name = frame.system_name or frame.function
+        key = (frame.function, system_name, frame.file, frame.start_line)
         function_id = self._functions.get(key)
         if function_id is None:
             function_id = self._functions[key] = len(self._functions) + 1
-            name = self.string(frame.function)
             self.profile.function.add(
                 id=function_id,
-                name=name,
-                system_name=name,
+                name=self.string(frame.function),
+                system_name=self.string(system_name),
                 filename=self.string(frame.file),
                 start_line=frame.start_line,
             )
