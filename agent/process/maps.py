@@ -46,7 +46,9 @@ def parse_maps_line(line: str) -> Mapping | None:
 
 def parse_maps(text: str) -> tuple[Mapping, ...]:
     """All mappings of a /proc/PID/maps text, in file order (ascending addresses)."""
-    mappings = (parse_maps_line(line) for line in text.splitlines())
+    # Only "\n" ends a line: the kernel escapes it in paths (as "\012") but no other
+    # character, so splitlines() would cut paths holding "\r", "\x0b", "\x85", ...
+    mappings = (parse_maps_line(line) for line in text.split("\n"))
     return tuple(m for m in mappings if m is not None)
 
 

@@ -18,8 +18,9 @@ PROC = Path("/proc")
 
 
 def read_text(path: Path) -> str:
-    # surrogateescape keeps non-UTF-8 file names usable as paths later on.
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    # surrogateescape keeps non-UTF-8 file names usable as paths later on; newline=""
+    # keeps a "\r" in a file name instead of turning it into a line break.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         return f.read()
 
 
