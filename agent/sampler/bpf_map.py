@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 from collections.abc import Iterable
 
 from agent.sampler.bpf_syscalls import (
@@ -192,7 +193,7 @@ class BpfMap:
             if err == errno.ENOENT:
                 return found
             if err:
-                raise OSError(err, f"batch lookup on {self._what()}: {errno.errorcode[err]}")
+                raise OSError(err, f"batch lookup on {self._what()}: {os.strerror(err)}")
             ctypes.memmove(tokens[0], tokens[1], token_size)
             started = True
 
@@ -218,12 +219,12 @@ class BpfMap:
             )
             attr = _MapBatchAttr(keys=ctypes.addressof(buffer), count=len(pending), map_fd=self.fd)
             err = self._batch_call(BPF_MAP_DELETE_BATCH, attr)
-            if err in _BATCH_UNSUPPORTED and attr.count == 0:
+            if err in _BATCH_UNSUPPORTED:  # attr.count is left as we set it: useless
                 return deleted + sum(self.delete(key) for key in pending)
             deleted += attr.count
             if not err:
                 return deleted
             if err != errno.ENOENT:
-                raise OSError(err, f"batch delete on {self._what()}: {errno.errorcode[err]}")
+                raise OSError(err, f"batch delete on {self._what()}: {os.strerror(err)}")
             pending = pending[attr.count + 1 :]  # skip the absent key, go on after it
         return deleted

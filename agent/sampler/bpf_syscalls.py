@@ -159,7 +159,7 @@ class _MapInfo(ctypes.Structure):
         ("btf_id", _u32),
         ("btf_key_type_id", _u32),
         ("btf_value_type_id", _u32),
-        ("btf_vmlinux_id", _u32),
+        ("pad", _u32),  # btf_vmlinux_id in newer kernels
         ("map_extra", _u64),
     ]
 

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import os
 import platform
 import select
 from collections.abc import Callable
@@ -100,7 +101,7 @@ def _map(length: int, prot: int, fd: int, offset: int, what: str) -> int:
     address = _libc.mmap(None, length, prot, _MAP_SHARED, fd, offset)
     if address is None or address == _MAP_FAILED:
         err = ctypes.get_errno()
-        raise OSError(err, f"mmap of ring buffer {what} ({length} bytes): {errno.errorcode[err]}")
+        raise OSError(err, f"mmap of ring buffer {what} ({length} bytes): {os.strerror(err)}")
     return int(address)
 
 
