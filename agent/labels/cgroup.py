@@ -124,8 +124,9 @@ def _container_segment(segment: str, parent: str) -> tuple[str, str]:
 
 def _memberships(text: str) -> list[_Membership]:
     memberships = []
-    for line in text.splitlines():
-        parts = line.strip().split(":", 2)
+    # Only "\n" ends a line (cgroup names may hold "\r", "\x85", spaces, anything else).
+    for line in text.split("\n"):
+        parts = line.split(":", 2)
         if len(parts) != 3 or not parts[2].startswith("/"):
             continue
         memberships.append(_Membership(parts[0], parts[1], parts[2]))
