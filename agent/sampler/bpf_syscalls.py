@@ -261,6 +261,7 @@ _CMD_NAMES = {
     for name, value in globals().items()
     if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_RAW_", "BPF_ENABLE_"))
     and not name.startswith("BPF_MAP_TYPE_")
+    and name != "BPF_OBJ_NAME_LEN"
 }
 
 

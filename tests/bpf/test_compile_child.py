@@ -27,6 +27,7 @@ from agent.sampler.compile_child import (
     CompiledProgram,
     compile_in_child,
 )
+from agent.sampler.compile_worker import MAX_FDS_PER_MESSAGE
 from agent.sampler.kernel_headers import find_kernel_headers
 from tests.conftest import REPO
 
@@ -288,3 +289,14 @@ def test_a_hung_child_is_killed_at_the_timeout(require_bpf: None, tmp_path: Path
         compile_in_child(SOURCE, [], PROGRAMS, env={"PYTHONPATH": str(tmp_path)}, timeout=3)
     with pytest.raises(ProcessLookupError):
         os.kill(raised.value.pid, 0)  # killed and reaped
+
+
+def test_more_maps_than_one_message_can_carry(require_bpf: None, bcc_env: dict[str, str]) -> None:
+    count = MAX_FDS_PER_MESSAGE + 30  # the child must split its fds over messages
+    source = "\n".join(f"BPF_ARRAY(m{i}, u32, 1);" for i in range(count))
+    source += "\nint f(void *ctx) { u32 k = 0; u32 *v = m0.lookup(&k); return v ? *v : 0; }\n"
+    with compile_in_child(source, [], {"f": "raw_tracepoint"}, env=bcc_env) as program:
+        assert sorted(program.maps) == sorted(f"m{i}" for i in range(count))
+        ids = {bs.map_info(m.fd).id for m in program.maps.values()}
+        assert len(ids) == count  # distinct live kernel maps
+        assert bs.prog_info(program.programs["f"]).prog_type == 17
