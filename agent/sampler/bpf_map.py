@@ -21,6 +21,7 @@ from agent.sampler.bpf_syscalls import (
     BPF_MAP_LOOKUP_AND_DELETE_BATCH,
     BPF_MAP_LOOKUP_BATCH,
     BPF_MAP_LOOKUP_ELEM,
+    BPF_MAP_UPDATE_BATCH,
     BPF_MAP_UPDATE_ELEM,
     PERCPU_MAP_TYPES,
     _address,
@@ -228,3 +229,39 @@ class BpfMap:
                 raise OSError(err, f"batch delete on {self._what()}: {os.strerror(err)}")
             pending = pending[attr.count + 1 :]  # skip the absent key, go on after it
         return deleted
+
+    def update_batch(self, keys: bytes, values: bytes, flags: int = BPF_ANY) -> None:
+        """Write many entries in one syscall (BPF_MAP_UPDATE_BATCH): `keys` and `values`
+        are the packed keys and values back to back. Falls back to one update per key
+        on map types without the op. On error nothing after the failing entry is
+        written, and the message says how many were."""
+        count, rest = divmod(len(keys), self.key_size)
+        if rest or len(values) != count * self.value_buffer_size:
+            raise ValueError(
+                f"update_batch on {self._what()}: {len(keys)} key bytes and {len(values)} "
+                f"value bytes are not whole pairs of {self.key_size} + {self.value_buffer_size}"
+            )
+        if count == 0:
+            return
+        key_buffer = ctypes.create_string_buffer(keys, len(keys))
+        value_buffer = ctypes.create_string_buffer(values, len(values))
+        attr = _MapBatchAttr(
+            keys=ctypes.addressof(key_buffer),
+            values=ctypes.addressof(value_buffer),
+            count=count,
+            map_fd=self.fd,
+            elem_flags=flags,
+        )
+        err = self._batch_call(BPF_MAP_UPDATE_BATCH, attr)
+        if not err:
+            return
+        if err in _BATCH_UNSUPPORTED:  # writing again is harmless: updates are idempotent
+            ks, vs = self.key_size, self.value_buffer_size
+            for i in range(count):
+                self.update(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs], flags)
+            return
+        raise OSError(
+            err,
+            f"batch update on {self._what()}: {os.strerror(err)} "
+            f"after {attr.count} of {count} entries",
+        )

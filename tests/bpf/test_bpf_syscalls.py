@@ -254,6 +254,30 @@ def test_array_batch_and_percpu_values(require_bpf: None) -> None:
         os.close(percpu_fd)
 
 
+def test_update_batch_writes_many_entries(require_bpf: None) -> None:
+    array_fd = bs.create_map(bs.BPF_MAP_TYPE_ARRAY, 4, 8, 5000)
+    tiny_fd = bs.create_map(bs.BPF_MAP_TYPE_HASH, 4, 8, 3)
+    try:
+        array = BpfMap.from_fd(array_fd)
+        keys = b"".join(_key(n) for n in range(100, 4100))
+        array.update_batch(keys, b"".join(_value(n * 3) for n in range(100, 4100)))
+        assert array.lookup(_key(99)) == _value(0)
+        assert array.lookup(_key(100)) == _value(300) and array.lookup(_key(4099)) == _value(12297)
+        assert dict(array.lookup_batch())[_key(2000)] == _value(6000)
+        with pytest.raises(ValueError, match="not whole pairs"):
+            array.update_batch(keys + b"x", b"")
+        tiny = BpfMap.from_fd(tiny_fd)
+        with pytest.raises(OSError, match="after 3 of 5 entries") as raised:
+            tiny.update_batch(
+                b"".join(_key(n) for n in range(5)), b"".join(_value(n) for n in range(5))
+            )
+        assert raised.value.errno == errno.E2BIG
+        assert len(tiny.keys()) == 3
+    finally:
+        os.close(array_fd)
+        os.close(tiny_fd)
+
+
 def test_stack_trace_map_falls_back_from_batches(require_bpf: None) -> None:
     fd = bs.create_map(bs.BPF_MAP_TYPE_STACK_TRACE, 4, 8 * 127, 64)
     try:
