@@ -74,13 +74,18 @@ class RelabelConfig:
 
 _DEFAULT = RelabelConfig()
 _PATTERNS: dict[str, re.Pattern[str]] = {}
+_LEADING_FLAGS = re.compile(r"\(\?([ims]+)\)")
 
 
 def _compiled(regex: str) -> re.Pattern[str]:
     pattern = _PATTERNS.get(regex)
     if pattern is None:
         # fullmatch anchors both ends; "^...$" alone would let Python's $ match before "\n".
-        pattern = _PATTERNS[regex] = re.compile(f"(?:{regex})")
+        # Go takes a leading "(?i)" inside the group Prometheus wraps the regex in; Python
+        # 3.11 refuses global flags there, so they become the group's own: "(?i:...)".
+        flags = _LEADING_FLAGS.match(regex)
+        group = f"(?{flags[1]}:{regex[flags.end() :]})" if flags else f"(?:{regex})"
+        pattern = _PATTERNS[regex] = re.compile(group)
     return pattern
 
 
@@ -135,7 +140,7 @@ def _regex(given: Mapping[str, object], where: str) -> str:
     regex = _string(given, "regex", "(.*)", where)
     try:
         _compiled(regex)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}, deep nesting
         message = f"{where}.regex: invalid regular expression {regex!r}: {exc}"
         raise RelabelConfigError(message) from exc
     return regex
@@ -255,7 +260,11 @@ def _replace(labels: dict[str, str], config: RelabelConfig, value: str) -> None:
 
 def hashmod(value: str, modulus: int) -> int:
     """Prometheus' hashmod: last 8 bytes of md5(value) as a big-endian uint64, mod modulus."""
-    digest = hashlib.md5(value.encode(), usedforsecurity=False).digest()
+    try:  # values read from /proc carry undecodable bytes as surrogateescapes
+        data = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates (e.g. from JSON "\ud800")
+        data = value.encode("utf-8", "surrogatepass")
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
     return int.from_bytes(digest[8:], "big") % modulus
 
 
@@ -301,6 +310,8 @@ def _group(match: re.Match[str], name: str) -> str:
     if name.isdigit() and name.isascii():
         if len(name) > 1 and name[0] == "0":
             return ""  # Go: leading zeros make it a name, and no group has that name
+        if len(name) > 8:
+            return ""  # Go: 1e8 or more is a name too; int() would refuse >4300 digits
         index = int(name)
         return (match.group(index) or "") if index <= (match.re.groups) else ""
     if name in match.re.groupindex:
