@@ -171,6 +171,23 @@ BOTH = (RUN, RECORD, TOP)  # options every sampling command takes
 OPTIONS: tuple[Option, ...] = (
     Option("frequency", int_in(1, 1000), 19, "Samples per second per CPU.", BOTH, metavar="HZ"),
     Option(
+        "unwinder",
+        parse_choice("fp", "dwarf", "auto"),
+        "auto",
+        "User stacks: fp (frame pointers), dwarf (.eh_frame tables walked in BPF, frame "
+        "pointers where no table), auto (dwarf if the kernel accepts the walker, else fp).",
+        BOTH,
+        metavar="MODE",
+    ),
+    Option(
+        "unwind_table_rows",
+        int_in(1024, 100_000_000),
+        2_000_000,
+        "Unwind table rows kept in BPF for all binaries (8 bytes each).",
+        BOTH,
+        metavar="N",
+    ),
+    Option(
         "window",
         parse_duration,
         10.0,

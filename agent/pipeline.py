@@ -116,7 +116,12 @@ def build_pipeline(
         series_labels=labeled_series(labeler, guard),
     )
     return Pipeline(
-        sampler=Sampler(frequency=config.frequency, pid=pid),
+        sampler=Sampler(
+            frequency=config.frequency,
+            pid=pid,
+            unwinder=config.unwinder,
+            unwind_table_rows=config.unwind_table_rows,
+        ),
         processes=processes,
         symbolizer=symbolizer,
         stages=stages,

@@ -10,25 +10,25 @@ says how the BPF walker (bpf/profile.bpf.c) gets from a frame to its caller on x
 
 Row pcs are relative to the table's `base` (an ELF virtual address) so they fit in 32
 bits. Between two FDEs, a NONE row marks the gap: the walker falls back to frame pointers
-there. Parsing uses pyelftools' decoded CFI tables; everything after that is pure.
+there. The CFI itself is parsed by agent.unwind.cfi; everything here is pure.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import IO, Any, NamedTuple
+from typing import IO, NamedTuple
 
-from elftools.dwarf.callframe import FDE, CFARule, RegisterRule
-from elftools.dwarf.constants import DW_CFA
 from elftools.elf.elffile import ELFFile
 
 from agent.symbolize.elf import LoadSegment
+from agent.unwind.cfi import OFFSET, UNDEFINED, CfiError, FrameRules, iter_fdes
 
-RSP, RBP, RIP = 7, 6, 16  # DWARF register numbers on x86_64
+RSP, RBP = 7, 6  # DWARF register numbers on x86_64
 ROW_FORMAT = struct.Struct("<IBbh")  # struct unwind_row in bpf/profile.bpf.c
 ROW_SIZE = ROW_FORMAT.size
 MAX_TABLE_SPAN = 1 << 32  # row pcs are u32 offsets from the base
@@ -38,8 +38,8 @@ S8 = (-(1 << 7), (1 << 7) - 1)
 
 # DW_CFA_def_cfa_expression that binutils writes for PLT stubs:
 #   rsp + 8 + (((rip & 15) >= N) << 3), N being a DW_OP_lit.
-_PLT_PREFIX = (0x77, 0x08, 0x80, 0x00, 0x3F, 0x1A)  # breg7 8; breg16 0; lit15; and
-_PLT_SUFFIX = (0x2A, 0x33, 0x24, 0x22)  # ge; lit3; shl; plus
+_PLT_PREFIX = bytes((0x77, 0x08, 0x80, 0x00, 0x3F, 0x1A))  # breg7 8; breg16 0; lit15; and
+_PLT_SUFFIX = bytes((0x2A, 0x33, 0x24, 0x22))  # ge; lit3; shl; plus
 _DW_OP_LIT0, _DW_OP_LIT31 = 0x30, 0x4F
 
 
@@ -87,81 +87,69 @@ class UnwindTable:
         return self.rows[index - 1] if index > 0 else None
 
 
-def pack_row(row: UnwindRow) -> bytes:
-    return ROW_FORMAT.pack(row.pc, int(row.kind), row.rbp_offset // 8, row.cfa_offset)
-
-
-def plt_threshold(expression: Sequence[int]) -> int | None:
-    """N of binutils' PLT CFA expression, or None for any other expression."""
-    expr = tuple(expression)
-    if len(expr) != len(_PLT_PREFIX) + 1 + len(_PLT_SUFFIX):
-        return None
-    if expr[: len(_PLT_PREFIX)] != _PLT_PREFIX or expr[len(_PLT_PREFIX) + 1 :] != _PLT_SUFFIX:
-        return None
-    literal = expr[len(_PLT_PREFIX)]
-    return literal - _DW_OP_LIT0 if _DW_OP_LIT0 <= literal <= _DW_OP_LIT31 else None
-
-
-def cfa_rule(cfa: CFARule) -> tuple[CfaKind, int]:
-    if cfa.expr is not None:
-        threshold = plt_threshold(cfa.expr)
-        return (CfaKind.PLT, threshold) if threshold is not None else (CfaKind.UNSUPPORTED, 0)
-    offset = cfa.offset or 0
-    if cfa.reg not in (RSP, RBP) or not S16[0] <= offset <= S16[1]:
-        return CfaKind.UNSUPPORTED, 0
-    return (CfaKind.RSP if cfa.reg == RSP else CfaKind.RBP), offset
-
-
-def rbp_rule(rule: RegisterRule | None) -> int:
-    """Where rbp is saved (bytes from the CFA), 0 when unchanged or not representable."""
-    if rule is None or rule.type != RegisterRule.OFFSET or not isinstance(rule.arg, int):
-        return 0
-    offset = rule.arg
-    if offset % 8 or not S8[0] <= offset // 8 <= S8[1]:
-        return 0
-    return offset
-
-
-def row_of_line(line: dict[Any, Any], pc: int) -> UnwindRow:
-    """One row of pyelftools' decoded table, as the walker can follow it."""
-    ra = line.get(RIP)
-    if isinstance(ra, RegisterRule) and ra.type == RegisterRule.UNDEFINED:
-        return UnwindRow(pc, CfaKind.END)
-    kind, offset = cfa_rule(line["cfa"])
-    standard_ra = isinstance(ra, RegisterRule) and ra.type == RegisterRule.OFFSET and ra.arg == -8
-    if not standard_ra:
-        return UnwindRow(pc, CfaKind.UNSUPPORTED)
-    if kind == CfaKind.UNSUPPORTED:
-        return UnwindRow(pc, kind)
-    return UnwindRow(pc, kind, offset, rbp_rule(line.get(RBP)))
-
-
 class FdeRows(NamedTuple):
     start: int  # ELF vaddrs
     end: int
     rows: list[UnwindRow]  # absolute pcs (vaddrs), within [start, end)
 
 
-def fde_rows(lines: Iterable[dict[Any, Any]], start: int, end: int) -> FdeRows:
-    rows = [row_of_line(line, int(line["pc"])) for line in lines]
-    return FdeRows(start, end, [row for row in rows if start <= row.pc < end])
+def pack_row(row: UnwindRow) -> bytes:
+    return ROW_FORMAT.pack(row.pc, int(row.kind), row.rbp_offset // 8, row.cfa_offset)
+
+
+def plt_threshold(expression: Sequence[int]) -> int | None:
+    """N of binutils' PLT CFA expression, or None for any other expression."""
+    expr = bytes(expression)
+    if len(expr) != len(_PLT_PREFIX) + 1 + len(_PLT_SUFFIX):
+        return None
+    if not expr.startswith(_PLT_PREFIX) or not expr.endswith(_PLT_SUFFIX):
+        return None
+    literal = expr[len(_PLT_PREFIX)]
+    return literal - _DW_OP_LIT0 if _DW_OP_LIT0 <= literal <= _DW_OP_LIT31 else None
+
+
+@functools.lru_cache(maxsize=4096)
+def rule_of(rules: FrameRules) -> tuple[CfaKind, int, int]:
+    """(kind, cfa_offset, rbp_offset) of the rules at some pc, as the walker follows them."""
+    if rules.ra[0] == UNDEFINED:
+        return (CfaKind.END, 0, 0)
+    if rules.ra != (OFFSET, -8):
+        return (CfaKind.UNSUPPORTED, 0, 0)
+    if rules.cfa_expr:
+        threshold = plt_threshold(rules.cfa_expr)
+        return (CfaKind.PLT, threshold, 0) if threshold is not None else (CfaKind.UNSUPPORTED, 0, 0)
+    if rules.cfa_reg not in (RSP, RBP) or not S16[0] <= rules.cfa_offset <= S16[1]:
+        return (CfaKind.UNSUPPORTED, 0, 0)
+    kind = CfaKind.RSP if rules.cfa_reg == RSP else CfaKind.RBP
+    return (kind, rules.cfa_offset, rbp_offset(rules.rbp))
+
+
+def rbp_offset(rule: tuple[int, int]) -> int:
+    """Where rbp is saved (bytes from the CFA), 0 when unchanged or not representable."""
+    kind, offset = rule
+    if kind != OFFSET or offset % 8 or not S8[0] <= offset // 8 <= S8[1]:
+        return 0
+    return offset
+
+
+def fde_rows(rows: Iterable[tuple[int, FrameRules]], start: int, end: int) -> FdeRows:
+    out = [UnwindRow(pc, *rule_of(rules)) for pc, rules in rows if start <= pc < end]
+    return FdeRows(start, end, out)
 
 
 def merge_fdes(fdes: Iterable[FdeRows]) -> UnwindTable:
     """One sorted table from many FDEs: gaps become NONE rows, equal neighbours merge.
 
-    FDEs are taken in order; an FDE that overlaps one taken before is dropped, so the
-    caller lists the preferred source (.eh_frame) first.
+    An FDE that overlaps one that starts before it is dropped; among FDEs that start
+    at the same address the first listed wins, so list the preferred source first.
     """
     taken: list[FdeRows] = []
-    covered: list[tuple[int, int]] = []
-    for fde in sorted(fdes, key=lambda f: f.start):
+    for fde in sorted(fdes, key=lambda f: f.start):  # stable: listing order among equals
         if fde.end <= fde.start or not fde.rows:
             continue
-        if covered and fde.start < covered[-1][1]:
-            continue  # overlaps the previous FDE
+        if taken and fde.start < taken[-1].end:
+            continue
         taken.append(fde)
-        covered.append((fde.start, fde.end))
     if not taken:
         raise UnwindTableError("no frame description entries")
     base = taken[0].start
@@ -177,10 +165,10 @@ def merge_fdes(fdes: Iterable[FdeRows]) -> UnwindTable:
 
 
 def compact(rows: Iterable[UnwindRow]) -> list[UnwindRow]:
-    """Drop rows that start where the next begins, and rows that repeat their predecessor."""
+    """Keep the last rule given at each pc, and drop rows that repeat their predecessor."""
     by_pc: dict[int, UnwindRow] = {}
     for row in rows:
-        by_pc[row.pc] = row  # the last rule at a pc wins
+        by_pc[row.pc] = row
     out: list[UnwindRow] = []
     for pc in sorted(by_pc):
         row = by_pc[pc]
@@ -193,40 +181,30 @@ def compact(rows: Iterable[UnwindRow]) -> list[UnwindRow]:
 def read_unwind_table(stream: IO[bytes]) -> UnwindTable:
     """The unwind table of an x86_64 ELF file (.eh_frame first, then .debug_frame).
 
-    Raises UnwindTableError when there is none or the file is malformed.
+    Raises UnwindTableError when there is none or the file is malformed; OSError when
+    it cannot be read.
     """
     try:
         elf = ELFFile(stream)
         if elf["e_machine"] != "EM_X86_64":
             raise UnwindTableError(f"unsupported machine {elf['e_machine']}")
-        dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
-        entries: list[Any] = []
-        if dwarf.has_EH_CFI():
-            entries += dwarf.EH_CFI_entries()
-        if dwarf.has_CFI():
-            entries += dwarf.CFI_entries()
-        table = merge_fdes(_fde_rows(entry) for entry in entries if isinstance(entry, FDE))
-        return replace(table, loads=_loads(elf))
-    except UnwindTableError:
+        fdes: list[FdeRows] = []
+        for name, eh_frame in ((".eh_frame", True), (".debug_frame", False)):
+            section = elf.get_section_by_name(name)
+            if section is None or section["sh_type"] == "SHT_NOBITS":
+                continue
+            for fde in iter_fdes(section.data(), section["sh_addr"], eh_frame):
+                fdes.append(fde_rows(fde.rows, fde.start, fde.end))
+        table = merge_fdes(fdes)
+        loads = tuple(
+            LoadSegment(h.p_offset, h.p_vaddr, h.p_filesz, h.p_memsz, h.p_flags)
+            for h in (segment.header for segment in elf.iter_segments())
+            if h.p_type == "PT_LOAD"
+        )
+    except (UnwindTableError, OSError):
         raise
-    except OSError:
-        raise
-    except Exception as exc:  # pyelftools raises many types on malformed input
+    except CfiError as exc:
+        raise UnwindTableError(str(exc)) from exc
+    except Exception as exc:  # pyelftools raises many types on malformed ELF
         raise UnwindTableError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _fde_rows(fde: FDE) -> FdeRows:
-    # pyelftools 0.33 cannot decode DW_CFA_GNU_args_size (it only concerns the
-    # arguments area of the stack, never the CFA): leave it out before decoding.
-    fde.instructions = [i for i in fde.instructions if i.opcode != DW_CFA.GNU_args_size]
-    start = int(fde["initial_location"])
-    end = start + int(fde["address_range"])
-    return fde_rows(fde.get_decoded().table, start, end)
-
-
-def _loads(elf: ELFFile) -> tuple[LoadSegment, ...]:
-    return tuple(
-        LoadSegment(h.p_offset, h.p_vaddr, h.p_filesz, h.p_memsz, h.p_flags)
-        for h in (segment.header for segment in elf.iter_segments())
-        if h.p_type == "PT_LOAD"
-    )
+    return UnwindTable(table.base, table.rows, loads)
