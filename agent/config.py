@@ -8,6 +8,7 @@ option cannot be parsed and then ignored. Errors name the field and where it cam
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -45,14 +46,17 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration, got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int no float holds
+            raise ValueError("too long a duration") from None
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", str(value))
         if not match:
             raise ValueError(f"expected a duration like 10s, 5m or 24h, got {value!r}")
         seconds = float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
-    if seconds <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
+    if not 0 < seconds < math.inf:  # also refuses YAML's .nan and .inf
+        raise ValueError(f"must be positive and finite, got {value!r}")
     return seconds
 
 
@@ -427,7 +431,11 @@ def load_file(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text: {exc}") from None
+    # PyYAML also raises ValueError (a timestamp like 2001-02-30, "!!int abc") and, on
+    # deeply nested flow collections, RecursionError.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
     if data is None:
         return {}
