@@ -27,6 +27,7 @@ class BackgroundIndexer:
         self._processes: list[ProcessInfo] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="strobe-indexer", daemon=True)
+        symbolizer.set_waker(self.wake)  # a debuginfod download arrived: index it now
 
     def start(self) -> None:
         self._thread.start()

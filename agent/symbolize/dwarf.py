@@ -1,21 +1,29 @@
 """Function, file and line with inlined frames from DWARF, through `symbolic`'s SymCache.
 
-Building a SymCache is the slow part of symbolization (~0.3 s for a 23 MB library),
-so it runs in Symbolizer.prepare, beside the sampling loop; lookups are ~0.2 ms.
+A SymCache is built once per binary in a capped child (index_child.py), stored on
+disk (diskcache.py) and opened here by mmap: lookups read the mapped file, so a big
+library costs page cache, not Python objects.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from symbolic.debuginfo import Archive
+from symbolic.symcache import SymCache
 
 from agent.model import Frame
 from agent.symbolize.demangle import demangle
 
 
 class DwarfError(Exception):
-    """symbolic could not open or index the file."""
+    """The SymCache could not be opened (corrupt, truncated, or an old format)."""
+
+
+def frame_of(symbol: str, file: str, line: int) -> Frame:
+    """A Frame named by the demangled symbol, keeping the raw one when they differ."""
+    name = demangle(symbol)
+    return Frame(function=name, file=file, line=line, system_name=symbol if name != symbol else "")
 
 
 class DwarfIndex:
@@ -23,22 +31,21 @@ class DwarfIndex:
 
     def __init__(self, symcache: Any, load_address: int) -> None:
         self._symcache = symcache
-        # SymCache addresses are relative to the first PT_LOAD's p_vaddr.
+        # SymCache addresses are relative to the indexed file's first PT_LOAD p_vaddr.
         self._load_address = load_address
 
     @classmethod
-    def build(cls, path: str, load_address: int) -> DwarfIndex:
-        """Index `path`; load_address is its first PT_LOAD p_vaddr (ElfInfo.load_address)."""
+    def open(cls, path: Path, load_address: int) -> DwarfIndex:
+        """Map a stored SymCache; load_address is the indexed file's first PT_LOAD p_vaddr."""
         try:
-            archive = Archive.open(path)
-            objects = list(archive.iter_objects())
-            if not objects:
-                raise DwarfError(f"{path}: no object in file")
-            return cls(objects[0].make_symcache(), load_address)
+            symcache = SymCache.open(str(path))
+            if not symcache.is_latest_version:
+                raise DwarfError(f"{path}: SymCache format {symcache.version} is outdated")
         except DwarfError:
             raise
         except Exception as exc:  # symbolic raises its own hierarchy and OSError-likes
             raise DwarfError(f"{path}: {type(exc).__name__}: {exc}") from exc
+        return cls(symcache, load_address)
 
     def lookup(self, vaddr: int) -> tuple[Frame, ...]:
         """Frames at an ELF virtual address, innermost (inlined) first; () when unknown."""
@@ -50,7 +57,5 @@ class DwarfIndex:
         except Exception:  # a corrupt index must not take the sampling loop down
             return ()
         return tuple(
-            Frame(function=demangle(m.symbol), file=m.full_path or "", line=m.line or 0)
-            for m in matches
-            if m.symbol
+            frame_of(m.symbol, m.full_path or "", m.line or 0) for m in matches if m.symbol
         )

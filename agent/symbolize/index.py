@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -13,11 +12,8 @@ from agent.metrics import BINARY_ERRORS
 from agent.model import Frame
 from agent.symbolize.binaries import OpenedBinary
 from agent.symbolize.debugfiles import find_debug_file
-from agent.symbolize.demangle import demangle
-from agent.symbolize.dwarf import DwarfError, DwarfIndex
+from agent.symbolize.dwarf import DwarfIndex, frame_of
 from agent.symbolize.elf import ElfInfo, ElfReadError
-
-log = logging.getLogger(__name__)
 
 MAX_CACHED_FRAMES = 16384  # per binary; hot addresses repeat every window
 
@@ -25,6 +21,7 @@ MAX_CACHED_FRAMES = 16384  # per binary; hot addresses repeat every window
 class DwarfState(Enum):
     PENDING = "pending"  # not indexed yet (or its file was gone when we tried)
     INDEXING = "indexing"
+    WAITING = "waiting"  # for a debuginfod download; requeued when it ends
     READY = "ready"
     NONE = "none"  # no DWARF anywhere: ELF symbols are all there is
     FAILED = "failed"
@@ -39,7 +36,7 @@ class _Lookup:
 
 
 class BinaryIndex:
-    """A mapped file's symbols. `frames` is cheap; `index_dwarf` is the slow part."""
+    """A mapped file's symbols: `frames` is cheap; DWARF comes later (indexing.py)."""
 
     def __init__(self, key: str, elf: ElfInfo, opened: OpenedBinary | None, mapped_path: str):
         self.key = key
@@ -62,60 +59,46 @@ class BinaryIndex:
         frames = lookup.dwarf.lookup(vaddr) if lookup.dwarf is not None else ()
         if not frames:
             name = self.elf.symbols.lookup(vaddr)
-            frames = (Frame(function=demangle(name)),) if name else ()
+            frames = (frame_of(name, "", 0),) if name else ()
         if len(lookup.cache) >= MAX_CACHED_FRAMES:
             lookup.cache.clear()
         lookup.cache[vaddr] = frames
         return frames
 
-    def index_dwarf(self, debug_dirs: tuple[str, ...]) -> bool:
-        """Build the DWARF index (from a separate debug file when there is one).
+    def install(self, state: DwarfState, dwarf: DwarfIndex | None = None) -> None:
+        """Record an indexing outcome; a new DWARF index comes with an empty frames cache."""
+        if dwarf is not None:
+            self._lookup = _Lookup(dwarf)
+        self.state = state
 
-        Returns True when an index became ready. Runs outside the sampling loop.
-        """
-        if self.opened is None or not os.path.exists(self.opened.path):
-            self.state = DwarfState.PENDING  # the file went away; a later process may bring it
-            return False
-        source = self._dwarf_source(self.opened, debug_dirs)
-        if source is None:
-            self.state = DwarfState.NONE
-            return False
-        path, load_address = source
+    def file_exists(self) -> bool:
+        return self.opened is not None and os.path.exists(self.opened.path)
+
+
+def local_dwarf_source(
+    binary: BinaryIndex, opened: OpenedBinary, debug_dirs: tuple[str, ...]
+) -> tuple[Path, int] | None:
+    """(file to index, its first PT_LOAD vaddr): the separate debug file, else the binary."""
+    roots = [opened.root] if opened.root == Path("/") else [opened.root, Path("/")]
+    debug = find_debug_file(
+        binary.mapped_path,
+        binary.elf.build_id,
+        binary.elf.debuglink,
+        roots,
+        debug_dirs,
+        binary_file=Path(opened.path),
+    )
+    if debug is not None:
         try:
-            dwarf = DwarfIndex.build(path, load_address)
-        except DwarfError as exc:
-            BINARY_ERRORS.labels(reason="dwarf").inc()
-            log.debug("cannot index %s: %s", path, exc)
-            self.state = DwarfState.FAILED
-            return False
-        self._lookup = _Lookup(dwarf)
-        self.state = DwarfState.READY
-        return True
-
-    def _dwarf_source(
-        self, opened: OpenedBinary, debug_dirs: tuple[str, ...]
-    ) -> tuple[str, int] | None:
-        """(file to index, its first PT_LOAD vaddr): the debug file, else the binary."""
-        roots = [opened.root] if opened.root == Path("/") else [opened.root, Path("/")]
-        debug = find_debug_file(
-            self.mapped_path,
-            self.elf.build_id,
-            self.elf.debuglink,
-            roots,
-            debug_dirs,
-            binary_file=Path(opened.path),
-        )
-        if debug is not None:
-            try:
-                debug_elf = ElfInfo.read(str(debug))
-            except (OSError, ElfReadError):
-                BINARY_ERRORS.labels(reason="debug_file").inc()
-            else:
-                if not debug_elf.build_id or debug_elf.build_id == self.elf.build_id:
-                    return str(debug), debug_elf.load_address
-        if self.elf.has_dwarf:
-            return opened.path, self.elf.load_address
-        return None
+            debug_elf = ElfInfo.read(str(debug))
+        except (OSError, ElfReadError):
+            BINARY_ERRORS.labels(reason="debug_file").inc()
+        else:
+            if not debug_elf.build_id or debug_elf.build_id == binary.elf.build_id:
+                return debug, debug_elf.load_address
+    if binary.elf.has_dwarf:
+        return Path(opened.path), binary.elf.load_address
+    return None
 
 
 def vdso_binary(image: bytes) -> BinaryIndex | None:

@@ -10,21 +10,30 @@ ships with ELF names at first and with inlined frames, files and lines later.
 from __future__ import annotations
 
 import bisect
+import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.metrics import BINARY_ERRORS, FRAMES, SYMBOL_CACHE_BINARIES
-from agent.model import Location, Mapping, ProcessInfo
+from agent.model import Frame, Location, Mapping, ProcessInfo
 from agent.symbolize.binaries import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
 from agent.symbolize.debugfiles import DEFAULT_DEBUG_DIRS
+from agent.symbolize.debuginfod import DebuginfodClient, Status
+from agent.symbolize.diskcache import SymbolStore
+from agent.symbolize.dwarf import frame_of
 from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id, runtime_to_elf_vaddr
 from agent.symbolize.index import BinaryIndex, DwarfState, vdso_binary
+from agent.symbolize.index_child import IndexLimits
+from agent.symbolize.indexing import BuildStats, DwarfBuilder
 from agent.symbolize.kallsyms import Kallsyms
+from agent.symbolize.perfmap import PerfMaps, is_jit_candidate
 
 FileIdentity = tuple[str, int, str]  # mapping dev, inode, path
+DEFAULT_SYMBOL_CACHE_BYTES = 1 << 30
 
 
 class Symbolizer:
@@ -33,6 +42,10 @@ class Symbolizer:
     Binaries are cached by build id (dev + inode + mtime + size without one), at most
     max_binaries of them, least recently used out. A binary that cannot be opened or
     parsed is counted in strobe_binary_errors{reason} and retried after retry_seconds.
+    DWARF indexes live on disk under cache_dir/symbols (a private temporary directory
+    when cache_dir is None), bounded by symbol_cache_max_bytes; they are built in a
+    child capped by index_limits. debuginfod, when given, supplies missing debug files
+    and executables; perf maps name JIT code in anonymous executable memory.
     """
 
     def __init__(
@@ -42,22 +55,55 @@ class Symbolizer:
         debug_dirs: Sequence[str] = DEFAULT_DEBUG_DIRS,
         proc: Path = PROC,
         retry_seconds: float = 60.0,
+        *,
+        cache_dir: str | Path | None = None,
+        symbol_cache_max_bytes: int = DEFAULT_SYMBOL_CACHE_BYTES,
+        index_limits: IndexLimits | None = None,
+        debuginfod: DebuginfodClient | None = None,
+        perf_maps: PerfMaps | None = None,
     ) -> None:
         if max_binaries < 1:
             raise ValueError("max_binaries must be at least 1")
         self._kallsyms = kallsyms
         self._max_binaries = max_binaries
-        self._debug_dirs = tuple(str(d) for d in debug_dirs)
         self._proc = proc
         self._retry_seconds = retry_seconds
         self._lock = threading.Lock()
         self._binaries: OrderedDict[str, BinaryIndex] = OrderedDict()
         self._files: OrderedDict[FileIdentity, str | float] = OrderedDict()  # key or failed-at
+        self._build_ids: OrderedDict[FileIdentity, str] = OrderedDict()  # for /executable
         self._pending: OrderedDict[str, None] = OrderedDict()  # keys awaiting DWARF
         self._mapping_starts: OrderedDict[int, tuple[tuple[Mapping, ...], list[int]]] = (
             OrderedDict()
         )
         self._vdso: tuple[BinaryIndex | None, int] | None = None  # (index, image size)
+        self._temp_dir = (
+            tempfile.TemporaryDirectory(prefix="strobe-symbols-") if not cache_dir else None
+        )
+        root = Path(self._temp_dir.name if self._temp_dir else str(cache_dir))
+        store = SymbolStore(root / "symbols", symbol_cache_max_bytes)
+        self._debuginfod = debuginfod
+        self._builder = DwarfBuilder(
+            store, tuple(str(d) for d in debug_dirs), index_limits or IndexLimits(), debuginfod
+        )
+        self._perf_maps = perf_maps if perf_maps is not None else PerfMaps(proc)
+        self._waker: Callable[[], None] | None = None
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Called when work became pending off the sampling path (a download arrived)."""
+        self._waker = waker
+
+    @property
+    def stats(self) -> BuildStats:
+        """What DWARF indexing did: built, loaded from disk, failed (by reason)."""
+        return self._builder.stats
+
+    def close(self) -> None:
+        """Stop downloads and remove a private temporary cache. Idempotent."""
+        if self._debuginfod is not None:
+            self._debuginfod.close()
+        if self._temp_dir is not None:
+            self._temp_dir.cleanup()
 
     # --- the sampling path -------------------------------------------------------
 
@@ -102,6 +148,8 @@ class Symbolizer:
         if process is None or mapping is None:
             FRAMES.labels(kind="user", result="miss").inc()
             return Location(address=address, mapping=mapping)
+        if is_jit_candidate(mapping):
+            return self._jit_location(process, mapping, address, lookup)
         binary = self._binary_for(process.pid, mapping)
         if binary is None:
             FRAMES.labels(kind="user", result="miss").inc()
@@ -110,6 +158,14 @@ class Symbolizer:
         frames = binary.frames(vaddr) if vaddr is not None else ()
         FRAMES.labels(kind="user", result="hit" if frames else "miss").inc()
         return Location(address=address, mapping=mapping, build_id=binary.build_id, frames=frames)
+
+    def _jit_location(
+        self, process: ProcessInfo, mapping: Mapping, address: int, lookup: int
+    ) -> Location:
+        name = self._perf_maps.lookup(process, lookup)
+        frames: tuple[Frame, ...] = (frame_of(name, "", 0),) if name else ()
+        FRAMES.labels(kind="jit", result="hit" if frames else "miss").inc()
+        return Location(address=address, mapping=mapping, frames=frames)
 
     # --- the slow path, beside the sampling loop ---------------------------------
 
@@ -121,6 +177,8 @@ class Symbolizer:
         """
         ready = 0
         seen: set[str] = set()
+        if any(is_jit_candidate(m) for m in process.mappings):
+            self._perf_maps.locate(process)  # while the process (and its /tmp) still exists
         for mapping in process.mappings:
             binary = self._binary_for(process.pid, mapping)
             if binary is None or binary.key in seen:
@@ -160,7 +218,18 @@ class Symbolizer:
             if binary.state is not DwarfState.PENDING:
                 return 0
             binary.state = DwarfState.INDEXING
-        return 1 if binary.index_dwarf(self._debug_dirs) else 0
+        return 1 if self._builder.index(binary, lambda: self._requeue(binary.key)) else 0
+
+    def _requeue(self, key: str) -> None:
+        """A debuginfod download for key ended: index it again (or settle for ELF symbols)."""
+        with self._lock:
+            binary = self._binaries.get(key)
+            if binary is None or binary.state is not DwarfState.WAITING:
+                return
+            binary.state = DwarfState.PENDING
+            self._pending[key] = None
+        if self._waker is not None:
+            self._waker()
 
     def _reopen_if_gone(self, binary: BinaryIndex, pid: int, mapping: Mapping) -> None:
         # The path stored at first sight may belong to a process that has exited.
@@ -201,12 +270,51 @@ class Symbolizer:
             if isinstance(known, float) and time.monotonic() - known < self._retry_seconds:
                 return None
         binary = self._open(pid, mapping)
+        if binary is None and identity in self._build_ids:
+            binary = self._downloaded_executable(identity, mapping)
         with self._lock:
             self._files[identity] = binary.key if binary is not None else time.monotonic()
             self._files.move_to_end(identity)
             while len(self._files) > self._max_binaries * 8:
                 self._files.popitem(last=False)
+            if binary is not None and binary.build_id:
+                self._build_ids[identity] = binary.build_id
+                self._build_ids.move_to_end(identity)
+                while len(self._build_ids) > self._max_binaries * 8:
+                    self._build_ids.popitem(last=False)
         return binary
+
+    def _downloaded_executable(
+        self, identity: FileIdentity, mapping: Mapping
+    ) -> BinaryIndex | None:
+        """A file we knew (by build id) is gone: its executable from debuginfod, if it has it.
+
+        Without it in the disk cache yet, a download starts; when it ends the failure
+        is forgotten so the next sample retries.
+        """
+        if self._debuginfod is None:
+            return None
+        build_id = self._build_ids[identity]
+        status, path = self._debuginfod.request(
+            build_id, "executable", lambda _: self._forget_failure(identity)
+        )
+        if status is not Status.READY or path is None:
+            return None
+        try:
+            st = os.stat(path)
+            elf = ElfInfo.read(str(path))
+        except (OSError, ElfReadError):
+            BINARY_ERRORS.labels(reason="malformed").inc()
+            return None
+        opened = OpenedBinary(
+            str(path), Path("/"), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+        )
+        return self._add(BinaryIndex(f"build:{build_id}", elf, opened, mapping.path))
+
+    def _forget_failure(self, identity: FileIdentity) -> None:
+        with self._lock:
+            if isinstance(self._files.get(identity), float):
+                del self._files[identity]
 
     def _open(self, pid: int, mapping: Mapping) -> BinaryIndex | None:
         opened = open_mapped_file(pid, mapping, self._proc)
