@@ -141,38 +141,51 @@ class _Reader:
 def iter_fdes(data: bytes, section_address: int, eh_frame: bool) -> Iterator[Fde]:
     """Every FDE of an .eh_frame (eh_frame=True) or .debug_frame section.
 
-    A malformed FDE is skipped; a malformed entry header ends the walk (what follows
-    cannot be found).
+    A malformed CIE or FDE is skipped; a malformed entry header ends the walk (what
+    follows cannot be found), keeping the FDEs before it.
     """
     cies: dict[int, _Cie] = {}
     reader = _Reader(data)
     while reader.pos + 4 <= len(data):
         entry_start = reader.pos
-        length = reader.fixed(_U32)
-        if length == 0:
+        try:
+            header = _entry_header(reader, eh_frame)
+        except CfiError:
+            return
+        if header is None:
             if eh_frame:
-                return  # the terminator
+                return  # the zero terminator
             continue
-        wide = length == 0xFFFFFFFF
-        if wide:
-            length = reader.fixed(_U64)
-        id_pos = reader.pos
-        end = id_pos + length
-        if end > len(data):
-            raise CfiError("entry runs past the section")
-        cie_id = reader.fixed(_U64 if wide else _U32)
-        is_cie = cie_id == 0 if eh_frame else cie_id in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
-        body = _Reader(data, reader.pos, end)
+        cie_pointer, is_cie, body = header
         if is_cie:
             cie = _parse_cie(body)
             if cie is not None:
                 cies[entry_start] = cie
         else:
-            cie = cies.get(id_pos - cie_id if eh_frame else cie_id)
+            cie = cies.get(cie_pointer)
             fde = _parse_fde(body, cie, section_address, eh_frame) if cie else None
             if fde is not None:
                 yield fde
-        reader.pos = end
+        reader.pos = body.end
+
+
+def _entry_header(reader: _Reader, eh_frame: bool) -> tuple[int, bool, _Reader] | None:
+    """(offset of the CIE it points to, whether it is a CIE, its body); None for a zero."""
+    length = reader.fixed(_U32)
+    if length == 0:
+        return None
+    wide = length == 0xFFFFFFFF  # 64-bit DWARF
+    if wide:
+        length = reader.fixed(_U64)
+    id_pos = reader.pos
+    end = id_pos + length
+    if end > len(reader.data):
+        raise CfiError("entry runs past the section")
+    body = _Reader(reader.data, id_pos, end)
+    cie_id = body.fixed(_U64 if wide else _U32)
+    if eh_frame:  # a CIE has id 0; an FDE holds the distance back to its CIE
+        return id_pos - cie_id, cie_id == 0, body
+    return cie_id, cie_id in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF), body
 
 
 def _parse_cie(reader: _Reader) -> _Cie | None:

@@ -1,0 +1,341 @@
+"""Row allocation, address routes, and tables shared and freed across real processes.
+
+The BPF maps are replaced by `MemoryMaps`, which stores rows and routes and answers a
+lookup the way bpf/profile.bpf.c does (longest prefix, bias, binary search), so the
+whole address -> row path is checked against the binaries' own tables. No root needed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.model import Mapping, ProcessInfo
+from agent.process.reader import read_process
+from agent.symbolize.elf import ElfInfo, runtime_to_elf_vaddr
+from agent.unwind.allocator import RowAllocator
+from agent.unwind.mappings import MappingTarget, Prefix, address_prefixes
+from agent.unwind.registry import UnwindTables, resolve_binary
+from agent.unwind.table import ROW_FORMAT, ROW_SIZE, CfaKind, UnwindTable, read_unwind_table
+from agent.unwind.worker import UnwindWorker
+
+SLEEP = "/bin/sleep"
+
+
+class MemoryMaps:
+    """The unwind maps of the BPF program, in memory, with the program's lookup."""
+
+    def __init__(self, capacity: int) -> None:
+        self.unwind_rows_capacity = capacity
+        self.rows = bytearray(capacity * ROW_SIZE)
+        self.rows_written = 0
+        self.routes: dict[tuple[int, Prefix], MappingTarget] = {}
+
+    def write_unwind_rows(self, first_row: int, packed_rows: bytes) -> None:
+        self.rows[first_row * ROW_SIZE : first_row * ROW_SIZE + len(packed_rows)] = packed_rows
+        self.rows_written += len(packed_rows) // ROW_SIZE
+
+    def add_unwind_mappings(
+        self, pid: int, prefixes: Sequence[Prefix], target: MappingTarget
+    ) -> None:
+        for prefix in prefixes:
+            self.routes[(pid, prefix)] = target
+
+    def remove_unwind_mappings(self, pid: int, prefixes: Sequence[Prefix]) -> None:
+        for prefix in prefixes:
+            self.routes.pop((pid, prefix), None)
+
+    def lookup(self, pid: int, address: int) -> tuple[CfaKind, int, int] | None:
+        """The rule the BPF walker would use at `address` of `pid`."""
+        matches = [
+            (prefix.bits, target)
+            for (route_pid, prefix), target in self.routes.items()
+            if route_pid == pid and (address ^ prefix.address) >> (64 - prefix.bits) == 0
+        ]
+        if not matches:
+            return None
+        target = max(matches, key=lambda match: match[0])[1]
+        pc = (address - target.bias) % (1 << 64)
+        rows = [
+            ROW_FORMAT.unpack_from(self.rows, (target.first_row + i) * ROW_SIZE)
+            for i in range(target.row_count)
+        ]
+        index = bisect.bisect_right([row[0] for row in rows], pc) - 1
+        if index < 0:
+            return None
+        _, kind, rbp_slots, cfa_offset = rows[index]
+        return (CfaKind(kind), cfa_offset, rbp_slots * 8)
+
+
+@pytest.fixture
+def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def start_sleeper(sleepers: list[subprocess.Popen[bytes]]) -> ProcessInfo:
+    proc = subprocess.Popen([SLEEP, "60"])
+    sleepers.append(proc)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # wait until the exec is done and libc is mapped
+        info = read_process(proc.pid)
+        if info and any("libc" in m.path for m in info.mappings):
+            return info
+        time.sleep(0.01)
+    raise AssertionError("sleep did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def libc_of(info: ProcessInfo) -> Mapping:
+    return next(m for m in info.mappings if "libc.so" in m.path)
+
+
+# --- allocator ------------------------------------------------------------------------
+
+
+def test_allocator_first_fit_exhaustion_and_coalescing() -> None:
+    rows = RowAllocator(100)
+    a, b, c = 0, 30, 60
+    assert [rows.allocate(30) for _ in range(3)] == [a, b, c]
+    assert rows.allocate(11) is None  # only 10 left
+    assert rows.used == 90 and rows.largest_free == 10
+    assert rows.free(b) == 30
+    assert rows.allocate(20) == 30  # first fit: the hole left by b
+    assert rows.free_ranges() == [(50, 10), (90, 10)]
+    rows.free(a)
+    rows.free(30)
+    assert rows.free_ranges() == [(0, 60), (90, 10)]  # merged with the neighbour after
+    rows.free(c)
+    assert rows.free_ranges() == [(0, 100)]  # merged on both sides
+    assert rows.used == 0
+    with pytest.raises(KeyError):
+        rows.free(c)
+    with pytest.raises(ValueError):
+        rows.allocate(0)
+
+
+def test_allocator_survives_churn_without_losing_rows() -> None:
+    rows = RowAllocator(1000)
+    live: dict[int, int] = {}
+    for step in range(400):
+        size = 1 + (step * 37) % 90
+        start = rows.allocate(size)
+        if start is not None:
+            live[start] = size
+        if step % 3 == 0 and live:
+            victim = sorted(live)[step % len(live)]
+            assert rows.free(victim) == live.pop(victim)
+        assert rows.used == sum(live.values())
+        spans = sorted((s, s + n) for s, n in [*live.items(), *rows.free_ranges()])
+        assert spans[0][0] == 0 and spans[-1][1] == 1000  # used + free tile the array
+        assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))
+
+
+# --- address prefixes -----------------------------------------------------------------
+
+
+@given(st.integers(0, (1 << 47) - 1), st.integers(1, 1 << 32))
+def test_prefixes_tile_the_range_exactly(start: int, size: int) -> None:
+    prefixes = address_prefixes(start, start + size)
+    assert len(prefixes) <= 2 * 64
+    position = start
+    for prefix in prefixes:
+        block = 1 << (64 - prefix.bits)
+        assert prefix.address == position
+        assert prefix.address % block == 0  # aligned to its own size
+        position += block
+    assert position == start + size
+
+
+def test_page_aligned_mapping_needs_few_prefixes() -> None:
+    prefixes = address_prefixes(0x7F0000001000, 0x7F0000159000)
+    assert len(prefixes) <= 16
+    assert prefixes[0] == Prefix(0x7F0000001000, 52)
+    with pytest.raises(ValueError):
+        address_prefixes(0x2000, 0x1000)
+
+
+# --- registry on real processes -------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def table_of(path: str) -> UnwindTable:
+    with open(path, "rb") as f:
+        return read_unwind_table(f)
+
+
+def expected_rule(info: ProcessInfo, address: int) -> tuple[CfaKind, int, int] | None:
+    """The row of the binary's own table at the address's ELF virtual address."""
+    mapping = next(m for m in info.mappings if m.contains(address))
+    vaddr = runtime_to_elf_vaddr(address, mapping, table_of(mapping.path).loads)
+    assert vaddr is not None
+    row = table_of(mapping.path).row_for(vaddr)
+    return row.rule() if row else None
+
+
+def function_addresses(info: ProcessInfo, mapping: Mapping, names: set[str]) -> list[int]:
+    elf = ElfInfo.read(mapping.path)
+    load = next(s for s in elf.loads if s.flags & 1)
+    with open(mapping.path, "rb") as f:
+        dynsym = ELFFile(f).get_section_by_name(".dynsym")
+        assert isinstance(dynsym, SymbolTableSection)
+        symbols = dynsym.iter_symbols()
+        vaddrs = [s["st_value"] for s in symbols if s.name in names and s["st_value"]]
+    # Executable PT_LOAD: runtime = vaddr - p_vaddr + p_offset - mapping.offset + start
+    return [v - load.vaddr + load.offset - mapping.offset + mapping.start for v in vaddrs]
+
+
+def test_addresses_route_to_the_rows_of_their_binary(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    info = start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    tables = UnwindTables(maps)
+    assert tables.prepare(info) >= 3  # sleep, libc, ld.so (and the vDSO)
+    libc = libc_of(info)
+    addresses = function_addresses(info, libc, {"malloc", "free", "memcpy", "qsort", "printf"})
+    assert len(addresses) >= 4
+    for address in addresses:
+        for offset in (0, 1, 7, 40):  # a function's entry and a few bytes into its body
+            want = expected_rule(info, address + offset)
+            assert maps.lookup(info.pid, address + offset) == want
+    assert maps.lookup(info.pid + 1_000_000, addresses[0]) is None  # another pid: no route
+
+
+def test_tables_are_shared_by_build_id_and_freed_with_their_last_process(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    first, second = start_sleeper(sleepers), start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    tables = UnwindTables(maps)
+    tables.prepare(first)
+    written_once = maps.rows_written
+    tables.prepare(second)
+    assert maps.rows_written == written_once  # same binaries: no row written twice
+    stats = tables.stats()
+    assert stats.processes == 2 and stats.rows_used == written_once
+    libc = resolve_binary(first.pid, libc_of(first))
+    assert libc is not None and libc.key.startswith("buildid:")
+    assert tables.table_users(libc.key) == {first.pid, second.pid}
+
+    stop(sleepers[0])
+    assert tables.sweep() == 1
+    assert tables.table_users(libc.key) == {second.pid}
+    assert all(pid == second.pid for pid, _ in maps.routes)
+    assert tables.stats().rows_used == written_once  # still used by the second
+
+    stop(sleepers[1])
+    assert tables.sweep() == 1
+    assert maps.routes == {}
+    assert tables.stats() == dataclasses.replace(tables.stats(), tables=0, rows_used=0, processes=0)
+    assert tables.table_users(libc.key) == set()
+
+
+def test_new_process_under_the_same_pid_replaces_routes(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    info = start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    tables = UnwindTables(maps)
+    tables.prepare(info)
+    routed = set(maps.routes)
+    only_libc = dataclasses.replace(info, mappings=(libc_of(info),))
+    assert tables.prepare(only_libc) == 1  # same process after an exec: fewer mappings
+    assert set(maps.routes) < routed
+    assert tables.stats().tables == 1  # the others were freed
+    reused = dataclasses.replace(info, start_time=info.start_time + 1, mappings=())
+    assert tables.prepare(reused) == 0  # a new process under the pid
+    assert maps.routes == {} and tables.stats().tables == 0
+
+
+def test_binaries_that_do_not_fit_are_refused_and_retried_when_room_is_made(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    info = start_sleeper(sleepers)
+    libc_mapping = libc_of(info)
+    libc_rows = len(table_of(libc_mapping.path))
+    maps = MemoryMaps(libc_rows + 10)
+    tables = UnwindTables(maps)
+    sleep_only = dataclasses.replace(
+        info, mappings=tuple(m for m in info.mappings if m.path == info.exe)
+    )
+    assert tables.prepare(sleep_only) == 1
+    assert tables.prepare(dataclasses.replace(info, mappings=(libc_mapping,))) == 0
+    assert tables.stats().failed_binaries == 1
+    tables.forget(info.pid)  # sleep's rows are freed: libc fits now
+    assert tables.prepare(dataclasses.replace(info, mappings=(libc_mapping,))) == 1
+
+
+def test_unreadable_and_non_elf_mappings_are_skipped(tmp_path: Path) -> None:
+    text = tmp_path / "script.txt"
+    text.write_text("not an ELF file\n" * 100)
+    st_text = text.stat()
+    dev = f"{os.major(st_text.st_dev):02x}:{os.minor(st_text.st_dev):02x}"
+    mappings = (
+        Mapping(0x10000, 0x11000, 0, str(text), dev, st_text.st_ino),
+        Mapping(0x20000, 0x21000, 0, "/nonexistent/lib.so", "00:00", 1),
+        Mapping(0x30000, 0x31000, 0, "", "00:00", 0),  # anonymous (JIT)
+    )
+    own = read_process(os.getpid())
+    assert own is not None
+    maps = MemoryMaps(1000)
+    tables = UnwindTables(maps)
+    assert tables.prepare(dataclasses.replace(own, mappings=mappings)) == 0
+    assert maps.routes == {} and tables.stats().tables == 0
+    assert tables.stats().failed_binaries == 1  # the text file was opened, then refused
+    assert tables.prepare(dataclasses.replace(own, mappings=mappings)) == 0  # not re-read
+
+
+def test_vdso_gets_a_table(sleepers: list[subprocess.Popen[bytes]]) -> None:
+    info = start_sleeper(sleepers)
+    vdso = [m for m in info.mappings if m.path == "[vdso]"]
+    if not vdso:
+        pytest.skip("no vDSO mapped")
+    source = resolve_binary(info.pid, vdso[0])
+    assert source is not None and source.key.startswith("vdso:")
+    with source.open() as stream:
+        table: UnwindTable = read_unwind_table(stream)
+    assert len(table) > 3
+    maps = MemoryMaps(10_000)
+    tables = UnwindTables(maps)
+    assert tables.prepare(dataclasses.replace(info, mappings=tuple(vdso))) == 1
+
+
+def test_worker_prepares_in_the_background_and_sweeps_exited_processes(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    info = start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    worker = UnwindWorker(UnwindTables(maps), sweep_seconds=0.05)
+    worker.start()
+    try:
+        worker.submit(info)
+        assert worker.wait_idle(timeout=60)
+        assert worker.tables.stats().processes == 1 and maps.routes
+        stop(sleepers[0])
+        deadline = time.monotonic() + 30
+        while maps.routes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert maps.routes == {} and worker.tables.stats().rows_used == 0
+    finally:
+        worker.close()
