@@ -11,6 +11,7 @@ once per unique mapping, function and location.
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from agent.pprof.proto import profile_pb2
 KERNEL_MAPPING_NAME = "[kernel.kallsyms]"
 KERNEL_MAPPING = -1  # placeholder mapping id of kernel locations until finish()
 GZIP_LEVEL = 6  # what Go's pprof writer uses: much faster than 9 for ~the same size
+INT64_MAX = 2**63 - 1  # sample values are int64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 MappingKey = tuple[int, int, int, str, str]  # start, end, offset, path, build id
 FunctionKey = tuple[str, str, str, int]  # name, system name, file, start line
@@ -168,7 +171,7 @@ class _ProfileTables:
     def _make_labels(self, pid: int, pairs: tuple[tuple[str, str], ...]) -> list[profile_pb2.Label]:
         labels = []
         for name, value in pairs:
-            if name == "pid" and value.isdigit():
+            if name == "pid" and value.isascii() and value.isdigit() and len(value) < 19:
                 pid = pid or int(value)
                 continue
             labels.append(profile_pb2.Label(key=self.string(name), str=self.string(value)))
@@ -187,7 +190,11 @@ class _ProfileTables:
             resolutions.append(self._kernel_resolution)
         for mapping, resolution in zip(self.profile.mapping, resolutions, strict=True):
             resolution.apply(mapping)
-        self.profile.string_table.extend(self.strings)
+        try:
+            self.profile.string_table.extend(self.strings)
+        except UnicodeEncodeError:  # undecodable bytes of ELF symbols or /proc paths
+            del self.profile.string_table[:]
+            self.profile.string_table.extend(_SURROGATE.sub("\ufffd", s) for s in self.strings)
 
 
 def build_profile(
@@ -206,7 +213,7 @@ def build_profile(
     for sample in samples:
         add_sample(
             location_id=[known.get(id(loc)) or location_id(loc) for loc in sample.locations],
-            value=(sample.count, sample.count * period_ns),
+            value=(sample.count, min(sample.count * period_ns, INT64_MAX)),
             label=tables.labels(sample),
         )
     tables.finish()
