@@ -106,7 +106,7 @@ class SymbolStore:
         os.replace(built, self.path_of(key))
         with contextlib.suppress(OSError):
             self.path_of(key, ".failed").unlink()
-        self.evict()
+        self.evict(committing=entry_name(key))
         return CachedIndex(self.path_of(key), load_address)
 
     def discard(self, key: str) -> None:
@@ -146,23 +146,27 @@ class SymbolStore:
     def total_bytes(self) -> int:
         return sum(size for _, size, _ in self._entries().values())
 
-    def evict(self) -> int:
-        """Remove least recently used entries until the store fits; returns bytes freed."""
+    def evict(self, committing: str = "") -> int:
+        """Remove least recently used entries until the store fits; returns bytes freed.
+
+        An entry being built elsewhere is skipped; `committing` names the one the caller
+        holds the lock of (it goes too when it alone exceeds the bound).
+        """
         entries = self._entries()
         total = sum(size for _, size, _ in entries.values())
         freed = 0
         for name, (_, size, paths) in sorted(entries.items(), key=lambda item: item[1][0]):
             if total - freed <= self.max_bytes:
                 break
-            if self._remove_entry(name, paths):
+            if self._remove_entry(name, paths, locked_by_caller=name == committing):
                 freed += size
         return freed
 
-    def _remove_entry(self, name: str, paths: list[Path]) -> bool:
-        """Delete an entry unless someone is building it (its lock is held)."""
+    def _remove_entry(self, name: str, paths: list[Path], locked_by_caller: bool) -> bool:
+        """Delete an entry unless someone else is building it (its lock is held)."""
         lock_path = self.directory / f"{name}.lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            fd = -1 if locked_by_caller else os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             fd = -1
         try:

@@ -22,6 +22,12 @@ STT_FUNC = 2
 STT_GNU_IFUNC = 10
 STB_GLOBAL = 1
 SHN_UNDEF = 0
+SHT_NOBITS = 8
+# Caps against files built to exhaust memory: linked binaries and debug files have
+# tens of sections and a handful of program headers.
+MAX_SECTIONS = 8192
+MAX_SEGMENTS = 1024
+MAX_SYMBOLS = 4_000_000
 
 
 class ElfReadError(Exception):
@@ -126,6 +132,7 @@ class ElfInfo:
     def from_stream(cls, stream: IO[bytes]) -> ElfInfo:
         """Parse an open ELF stream; raises ElfReadError on anything malformed."""
         try:
+            check_layout(stream)
             elf = ELFFile(stream)
             return cls(
                 build_id=_build_id(elf),
@@ -145,9 +152,61 @@ def read_build_id(path: str) -> str:
     """Only the build id of a file (cheap: notes only); "" when none or unreadable."""
     try:
         with open(path, "rb") as stream:
+            check_layout(stream)
             return _build_id(ELFFile(stream))
     except Exception:  # any unreadable or corrupt file simply has no usable build id
         return ""
+
+
+_HEADER = {64: struct.Struct("HHIQQQIHHHHHH"), 32: struct.Struct("HHIIIIIHHHHHH")}
+_SECTION = {64: struct.Struct("IIQQQQIIQQ"), 32: struct.Struct("IIIIIIIIII")}
+
+
+def check_layout(stream: IO[bytes]) -> None:
+    """Reject an ELF file whose headers point outside it or count absurdly many entries.
+
+    pyelftools trusts sizes and counts; a crafted file would make it read gigabytes or
+    loop for minutes. Raises ElfReadError; leaves the stream position at 0.
+    """
+    size = stream.seek(0, 2)
+    stream.seek(0)
+    ident = stream.read(16)
+    if len(ident) < 16 or ident[:4] != b"\x7fELF" or ident[4] not in (1, 2):
+        raise ElfReadError("not an ELF file")
+    bits, order = (64 if ident[4] == 2 else 32), ("<" if ident[5] != 2 else ">")
+    header = struct.Struct(order + _HEADER[bits].format)
+    raw = stream.read(header.size)
+    if len(raw) < header.size:
+        raise ElfReadError("truncated ELF header")
+    _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = header.unpack(raw)
+    sections = _section_headers(stream, size, bits, order, shoff, shentsize, shnum)
+    if phnum == 0xFFFF and sections:  # PN_XNUM: the real count is in section 0's sh_info
+        phnum = sections[0][7]
+    if phnum > MAX_SEGMENTS or (phnum and phoff + phnum * phentsize > size):
+        raise ElfReadError(f"program headers out of bounds ({phnum} at {phoff:#x})")
+    for index, (_, sh_type, _, _, offset, length, *_rest) in enumerate(sections):
+        if index and sh_type != SHT_NOBITS and length and offset + length > size:
+            raise ElfReadError(f"section {index} ({length} bytes at {offset:#x}) past end of file")
+    stream.seek(0)
+
+
+def _section_headers(
+    stream: IO[bytes], size: int, bits: int, order: str, shoff: int, entsize: int, count: int
+) -> list[tuple[int, ...]]:
+    if not shoff:
+        return []
+    layout = struct.Struct(order + _SECTION[bits].format)
+    if entsize != layout.size or shoff + layout.size > size:
+        raise ElfReadError(f"section header table out of bounds ({shoff:#x})")
+    stream.seek(shoff)
+    first = layout.unpack(stream.read(layout.size))
+    if count == 0:  # SHN_LORESERVE or more sections: the count is in section 0's sh_size
+        count = first[5]
+    if count > MAX_SECTIONS or shoff + count * layout.size > size:
+        raise ElfReadError(f"{count} section headers at {shoff:#x} do not fit the file")
+    stream.seek(shoff)
+    table = stream.read(count * layout.size)
+    return [layout.unpack_from(table, i * layout.size) for i in range(count)]
 
 
 def _loads(elf: ELFFile) -> tuple[LoadSegment, ...]:
@@ -203,6 +262,8 @@ def _function_symbols(elf: ELFFile) -> list[RawSymbol]:
     """
     symbols: list[RawSymbol] = []
     for section_name in (".symtab", ".dynsym"):
+        if len(symbols) >= MAX_SYMBOLS:
+            break
         section = elf.get_section_by_name(section_name)
         if section is None or section["sh_type"] == "SHT_NOBITS":
             continue

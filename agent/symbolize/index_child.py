@@ -27,6 +27,8 @@ EXIT_DWARF = 3  # symbolic could not read or index the file
 EXIT_MEMORY = 4  # an allocation failed under RLIMIT_AS (MemoryError)
 EXIT_USAGE = 5
 STDERR_TAIL = 4096
+# Rust aborts with the first; a failed mmap of the input surfaces as the second.
+MEMORY_SIGNS = ("memory allocation of", "Cannot allocate memory")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def build_symcache(source: Path, out: Path, limits: IndexLimits) -> BuildResult:
 
 def failure_reason(code: int, stderr_tail: str) -> str:
     """strobe_binary_errors reason for a child's exit code (negative: killed by signal)."""
-    if code == EXIT_MEMORY or "memory allocation of" in stderr_tail:
+    if code == EXIT_MEMORY or any(sign in stderr_tail for sign in MEMORY_SIGNS):
         return "index_memory"  # Python's MemoryError, or Rust's abort on allocation failure
     if code == EXIT_DWARF:
         return "dwarf"
