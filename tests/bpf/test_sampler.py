@@ -1,7 +1,8 @@
 """The sampler against the real kernel: real processes, real perf events, real maps.
 
-One sampler (99 Hz, every process) is compiled per module and shared; each test
-drains it first so it sees only its own window. Sample counts are checked against
+One sampler (99 Hz, every process) is compiled per user-stack mode (frame pointers,
+and tables with frame-pointer fallback) and shared; each test drains it first so it
+sees only its own window. Sample counts are checked against
 the CPU time the kernel accounted to the process (/proc/PID/stat of the zombie),
 which bounds both losses and double counting without timing assumptions.
 """
@@ -34,19 +35,20 @@ pytestmark = pytest.mark.bpf
 class _LazySampler:
     """Compiled on first use, so require_bpf decides (skip/fail) before any BPF work."""
 
-    def __init__(self) -> None:
+    def __init__(self, unwinder: str) -> None:
+        self.unwinder = unwinder
         self.sampler: Sampler | None = None
 
     def get(self) -> Sampler:
         if self.sampler is None:
-            self.sampler = Sampler(frequency=FREQUENCY)
+            self.sampler = Sampler(frequency=FREQUENCY, unwinder=self.unwinder)
             self.sampler.start()
         return self.sampler
 
 
-@pytest.fixture(scope="module")
-def _shared_sampler() -> Iterator[_LazySampler]:
-    holder = _LazySampler()
+@pytest.fixture(scope="module", params=["fp", "dwarf"])
+def _shared_sampler(request: pytest.FixtureRequest) -> Iterator[_LazySampler]:
+    holder = _LazySampler(request.param)
     yield holder
     if holder.sampler is not None:
         holder.sampler.close()

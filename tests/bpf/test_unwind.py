@@ -1,0 +1,248 @@
+"""Table-driven user stacks against the real kernel: binaries without frame pointers.
+
+One sampler per mode (99 Hz, every process) is compiled per module and shared; each
+test drains first so it sees only its own window. A process's tables are loaded
+synchronously (`unwind_tables.prepare`) before its samples are counted, so the
+numbers measure the walker, not the race with the table builder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.model import ProcessInfo, StackSample
+from agent.process.reader import read_process
+from agent.sampler import Sampler
+from agent.sampler.convert import UNWIND_STATS
+from agent.symbolize.symbolizer import Symbolizer
+from tests.conftest import REPO, require_tool
+
+FREQUENCY = 99
+KERNEL_HALF = 0xFFFF800000000000
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: no frame pointers, .eh_frame, .dynsym only
+CPU_BOUND = (
+    "import time\n"
+    "def fib(n):\n"
+    "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+    "end = time.monotonic() + float(__import__('sys').argv[1])\n"
+    "while time.monotonic() < end:\n"
+    "    fib(18)\n"
+)
+
+pytestmark = pytest.mark.bpf
+
+
+class _LazySamplers:
+    """Compiled on first use, so require_bpf decides (skip/fail) before any BPF work."""
+
+    def __init__(self) -> None:
+        self.samplers: dict[str, Sampler] = {}
+
+    def get(self, mode: str) -> Sampler:
+        if mode not in self.samplers:
+            sampler = Sampler(frequency=FREQUENCY, unwinder=mode)
+            sampler.start()
+            self.samplers[mode] = sampler
+        return self.samplers[mode]
+
+
+@pytest.fixture(scope="module")
+def _shared() -> Iterator[_LazySamplers]:
+    holder = _LazySamplers()
+    yield holder
+    for sampler in holder.samplers.values():
+        sampler.close()
+
+
+@pytest.fixture
+def dwarf(require_bpf: None, _shared: _LazySamplers) -> Sampler:
+    sampler = _shared.get("dwarf")
+    sampler.drain()
+    return sampler
+
+
+@pytest.fixture
+def fp(require_bpf: None, _shared: _LazySamplers) -> Sampler:
+    sampler = _shared.get("fp")
+    sampler.drain()
+    return sampler
+
+
+@pytest.fixture(scope="module")
+def deep_nofp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """main -> level_1 .. level_6 -> leaf_spin, -O2 without frame pointers."""
+    out = tmp_path_factory.mktemp("unwind_bpf") / "deep_nofp"
+    source = REPO / "tests" / "data" / "c" / "deep_nofp.c"
+    flags = ["-O2", "-fomit-frame-pointer", "-fasynchronous-unwind-tables"]
+    subprocess.run([require_tool("gcc"), *flags, "-o", str(out), str(source)], check=True)
+    return out
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def started(processes: list[subprocess.Popen[bytes]], argv: list[str]) -> ProcessInfo:
+    """Start argv and capture it once its binary and libc are mapped."""
+    proc = subprocess.Popen(argv)
+    processes.append(proc)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        info = read_process(proc.pid)
+        if info is not None and any("libc.so" in m.path for m in info.mappings):
+            return info
+        time.sleep(0.01)
+    raise AssertionError(f"{argv[0]} did not start")
+
+
+def samples_of(
+    sampler: Sampler, pid: int, enough: int = 120, timeout: float = 20.0
+) -> list[StackSample]:
+    """The pid's samples over drains, until `enough` (a busy machine gives fewer per second)."""
+    samples: list[StackSample] = []
+    deadline = time.monotonic() + timeout
+    while sum(s.count for s in samples) < enough and time.monotonic() < deadline:
+        time.sleep(0.5)
+        samples += [s for s in sampler.drain().samples if s.pid == pid]
+    return samples
+
+
+def with_tables(sampler: Sampler, info: ProcessInfo, enough: int = 120) -> list[StackSample]:
+    """Load the process's tables, then sample it."""
+    tables = sampler.unwind_tables
+    assert tables is not None
+    assert tables.prepare(info) >= 2
+    sampler.drain()  # drop samples taken before its tables were in place
+    return samples_of(sampler, info.pid, enough)
+
+
+def function_names(symbolizer: Symbolizer, info: ProcessInfo, stack: tuple[int, ...]) -> list[str]:
+    return [
+        location.frames[-1].function if location.frames else ""
+        for location in symbolizer.symbolize_user(info, stack)
+    ]
+
+
+def reach_ratio(
+    samples: list[StackSample], info: ProcessInfo, outermost: set[str]
+) -> tuple[float, int]:
+    """Share of samples whose user stack reaches one of `outermost`, and the total."""
+    symbolizer = Symbolizer()
+    total = sum(s.count for s in samples)
+    reached = sum(
+        s.count for s in samples if outermost & set(function_names(symbolizer, info, s.user_stack))
+    )
+    return (reached / total if total else 0.0), total
+
+
+def test_no_frame_pointer_binary_reaches_main(
+    dwarf: Sampler, deep_nofp: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    info = started(processes, [str(deep_nofp), "60"])
+    samples = with_tables(dwarf, info)
+    ratio, total = reach_ratio(samples, info, {"main"})
+    assert total >= 100, samples
+    assert ratio >= 0.95, (ratio, total)
+
+    heaviest = max(samples, key=lambda s: s.count)
+    names = function_names(Symbolizer(), info, heaviest.user_stack)
+    chain = ["leaf_spin", "level_6", "level_5", "level_4", "level_3", "level_2", "level_1", "main"]
+    assert names[: len(chain)] == chain, names
+    stats = dwarf.unwind_stats()
+    assert set(stats) == set(UNWIND_STATS)
+    assert stats["table_frames"] >= 8 * total * 0.9
+    assert stats["tail_call_failed"] == 0
+
+
+def test_system_python_reaches_py_bytes_main(
+    dwarf: Sampler, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    if not os.path.exists(SYSTEM_PYTHON):
+        pytest.skip("no /usr/bin/python3")
+    info = started(processes, [SYSTEM_PYTHON, "-c", CPU_BOUND, "60"])
+    samples = with_tables(dwarf, info)
+    ratio, total = reach_ratio(samples, info, {"main", "Py_BytesMain"})
+    assert total >= 100, samples
+    assert ratio >= 0.90, (ratio, total)
+
+
+def test_kernel_mode_samples_keep_kernel_stacks_and_walk_the_saved_user_registers(
+    dwarf: Sampler, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    reader = (
+        "import os, time, sys\n"
+        "fd = os.open('/dev/zero', os.O_RDONLY)\n"
+        "end = time.monotonic() + float(sys.argv[1])\n"
+        "while time.monotonic() < end:\n"
+        "    os.read(fd, 65536)\n"
+    )
+    info = started(processes, [SYSTEM_PYTHON, "-c", reader, "60"])
+    samples = with_tables(dwarf, info)
+    in_kernel = [s for s in samples if s.kernel_stack]
+    assert sum(s.count for s in in_kernel) >= 10, samples
+    assert all(a >= KERNEL_HALF for s in in_kernel for a in s.kernel_stack)
+    # The user half of a kernel-mode sample starts in the syscall wrapper and is walked
+    # with tables from the registers saved at kernel entry.
+    ratio, _ = reach_ratio(in_kernel, info, {"main", "Py_BytesMain"})
+    assert ratio >= 0.8, ratio
+
+
+def test_frame_pointer_mode_keeps_the_old_path(
+    fp: Sampler, c_binaries: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    assert fp.unwind_mode == "fp" and fp.unwind_tables is None
+    info = started(processes, [str(c_binaries / "spin_pie"), "60"])
+    samples = samples_of(fp, info.pid, enough=60)
+    ratio, total = reach_ratio(samples, info, {"main"})
+    assert total >= 50 and ratio >= 0.9, (ratio, total)
+    assert all(n == 0 for n in fp.unwind_stats().values())  # no walker in this mode
+
+
+def test_tables_are_freed_when_the_process_is_gone(
+    dwarf: Sampler, deep_nofp: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    tables = dwarf.unwind_tables
+    assert tables is not None and dwarf.unwind_mode == "dwarf"
+    tables.sweep()
+    before = tables.stats()
+    info = started(processes, [str(deep_nofp), "30"])
+    tables.prepare(info)
+    during = tables.stats()
+    assert during.processes == before.processes + 1
+    assert during.rows_used > before.rows_used  # at least deep_nofp's own table is new
+    processes[-1].kill()
+    processes[-1].wait(timeout=10)
+    assert tables.sweep() >= 1
+    after = tables.stats()
+    assert after.processes == before.processes
+    assert after.rows_used == before.rows_used
+
+
+def test_prepare_unwind_queues_for_the_worker(
+    dwarf: Sampler, deep_nofp: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    info = started(processes, [str(deep_nofp), "60"])
+    dwarf.prepare_unwind(info)
+    assert dwarf.wait_unwind_ready(timeout=60)
+    samples = samples_of(dwarf, info.pid, enough=60)
+    ratio, total = reach_ratio(samples, info, {"main"})
+    assert total >= 50 and ratio >= 0.8, (ratio, total)  # the first ticks may precede tables
+
+
+def test_bad_unwinder_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Sampler(unwinder="lbr")
+    with pytest.raises(ValueError):
+        Sampler(unwind_table_rows=0)
