@@ -57,6 +57,9 @@ def run_agent(image: str, args: list[str], podman: list[str]) -> subprocess.Comp
         "--cap-drop=all",
         f"--cap-add={AGENT_CAPS}",
         "--security-opt=seccomp=unconfined",
+        # As in the Helm chart: a read-only root; /tmp, /run (tmpfs) and the image's
+        # volumes /var/lib/strobe and /var/cache/strobe stay writable.
+        "--read-only",
         *podman,
         image,
         *args,
