@@ -50,6 +50,8 @@ RUN --mount=type=secret,id=ca_bundle \
     # package-data ships agent/bpf/*.c; in a checkout the BPF source lives at bpf/.
     if [ -d /tmp/src/bpf ] && [ ! -d /tmp/src/agent/bpf ]; then cp -r /tmp/src/bpf /tmp/src/agent/bpf; fi; \
     /opt/strobe/.venv/bin/pip install --no-cache-dir --disable-pip-version-check -q /tmp/src; \
+    # The installer is not needed at run time (23 MB).
+    /opt/strobe/.venv/bin/python -m pip uninstall -y -q pip setuptools; \
     rm -rf /tmp/src; \
     ln -s /opt/strobe/.venv/bin/strobe /usr/local/bin/strobe; \
     /opt/strobe/.venv/bin/python -c 'import bcc, agent.cli'; \
