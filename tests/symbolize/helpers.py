@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
 from agent.model import Mapping
 
@@ -53,6 +54,7 @@ def symbol_range(path: Path, name: str) -> tuple[int, int]:
     """(ELF virtual address, size) of a function symbol, from .symtab."""
     with open(path, "rb") as f:
         symtab = ELFFile(f).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection), f"{path} has no .symtab"
         for symbol in symtab.iter_symbols():
             if symbol.name == name and symbol["st_info"]["type"] == "STT_FUNC":
                 return int(symbol["st_value"]), int(symbol["st_size"])
@@ -174,4 +176,4 @@ def call_without_file_capabilities(function: Callable[[], T]) -> T:
     thread.join(timeout=120)
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["value"]  # type: ignore[no-any-return]
+    return cast(T, outcome["value"])

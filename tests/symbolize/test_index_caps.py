@@ -116,7 +116,7 @@ def test_compressed_debug_sections(tmp_path: Path) -> None:
     )
     with open(binary, "rb") as f:
         info = ELFFile(f).get_section_by_name(".debug_info")
-        assert info["sh_flags"] & 0x800  # SHF_COMPRESSED: the case under test
+        assert info is not None and info["sh_flags"] & 0x800  # SHF_COMPRESSED: the case under test
     process = loaded(binary)
     symbolizer = Symbolizer(cache_dir=tmp_path / "cache")
     assert symbolizer.prepare(process) == 1
@@ -133,6 +133,7 @@ def test_compressed_debug_sections(tmp_path: Path) -> None:
 def section_extent(path: Path, name: str) -> tuple[int, int]:
     with open(path, "rb") as f:
         section = ELFFile(f).get_section_by_name(name)
+        assert section is not None, name
         return int(section["sh_offset"]), int(section["sh_size"])
 
 

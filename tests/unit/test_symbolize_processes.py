@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
 from agent.model import Location, ProcessInfo
 from agent.process.reader import read_process
@@ -118,6 +119,7 @@ def call_return_address(binary: Path, caller: str, callee: str) -> int:
     with open(binary, "rb") as f:
         elf = ELFFile(f)
         text = elf.get_section_by_name(".text")
+        assert text is not None
         code = text.data()
         base = text["sh_addr"]
     for index in range(start - base, start - base + size - 4):
@@ -180,6 +182,7 @@ def test_vdso_frames_are_named() -> None:
     image = own_vdso()
     assert image is not None
     dynsym = ELFFile(io.BytesIO(image)).get_section_by_name(".dynsym")
+    assert isinstance(dynsym, SymbolTableSection)
     value = next(s["st_value"] for s in dynsym.iter_symbols() if s.name == "__vdso_clock_gettime")
     location = symbolize_one(Symbolizer(), process, vdso_mapping.start + value + 4)
     assert location.frames[0].function in ("__vdso_clock_gettime", "clock_gettime")
