@@ -79,11 +79,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     parser.add_argument(
         "--quick", action="store_true", help="short durations (what `make bench` runs)"
     )
@@ -98,6 +99,7 @@ def emit(name: str, result: dict[str, Any], json_path: str | None) -> None:
         "commit": git_commit(),
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
+        "loadavg_at_end": os.getloadavg(),
         "result": result,
     }
     print(json.dumps(_brief(document), indent=2, default=str))

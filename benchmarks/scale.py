@@ -1,0 +1,156 @@
+"""Scale: user-space cost per window against unique stacks and samples.
+
+Scenarios (each: start the processes, start the agent, skip two windows of warm-up,
+then measure --windows windows):
+- flat:   2 processes in one hot loop (`workload flat`): many samples, few stacks;
+- random: --processes processes (default 1,000) walking a random call tree
+          (`workload stacks`): nearly every sample is a stack of its own;
+- random at a lower frequency: the same host with fewer samples and stacks.
+All workload processes run at nice 19 (they still saturate the CPUs, but the
+machine's other users keep their share).
+
+Per window: strobe_window_processing_seconds (resolve + symbolize + label + pprof,
+from the histogram's sum/count), strobe_window_unique_stacks and strobe_samples_total
+after each window, samples lost in BPF, stack-map fill, and the agent's whole CPU
+time per window from /proc (which also covers draining the BPF maps and writing the
+local store, outside the histogram). Target (issue 8): 1,000 processes and 20,000
+unique stacks per window handled in < 10% of the window. Needs root.
+"""
+
+from __future__ import annotations
+
+import operator
+import resource
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from _harness import (
+    Agent,
+    Crowd,
+    base_parser,
+    build_workload,
+    emit,
+    metric,
+    mib,
+    require_root,
+    scratch,
+    spread,
+)
+
+WARMUP_WINDOWS = 2
+
+
+def window_stats(agent: Agent, windows: int) -> list[dict[str, float]]:
+    """One row per window: what /metrics and /proc say changed during it."""
+    rows = []
+    done = metric(agent.metrics(), "strobe_windows_total")
+    before, cpu_before = agent.metrics(), agent.cpu_seconds()
+    for _ in range(windows):
+        done += 1
+        agent.wait_metric("strobe_windows_total", partial(operator.le, done), timeout=300)
+        after, cpu_after = agent.metrics(), agent.cpu_seconds()
+
+        def delta(name: str, a: dict[str, float] = after, b: dict[str, float] = before) -> float:
+            return metric(a, name) - metric(b, name)
+
+        rows.append(
+            {
+                "processing_s": delta("strobe_window_processing_seconds_sum"),
+                "unique_stacks": metric(after, "strobe_window_unique_stacks"),
+                "samples": delta("strobe_samples_total"),
+                "lost": delta("strobe_samples_lost_total"),
+                "stack_map_fill": after.get('strobe_bpf_map_fill_ratio{map="stacks"}', 0.0),
+                "agent_cpu_s": round(cpu_after - cpu_before, 2),
+            }
+        )
+        before, cpu_before = after, cpu_after
+    return rows
+
+
+def scenario(
+    workdir: Path, argv: list[str], processes: int, hz: int, window_s: float, windows: int
+) -> dict[str, Any]:
+    with Crowd() as crowd:
+        crowd.spawn(argv, processes, nice=19)
+        time.sleep(1.0)
+        with Agent(workdir, frequency=hz, window=f"{window_s:g}s") as agent:
+            agent.wait_ready()
+            agent.wait_metric("strobe_windows_total", lambda v: v >= WARMUP_WINDOWS, timeout=600)
+            rows = window_stats(agent, windows)
+            rss = agent.rss_kib()
+    processing = [r["processing_s"] for r in rows]
+    stacks = [r["unique_stacks"] for r in rows]
+    return {
+        "workload": " ".join(argv[1:]),
+        "processes": processes,
+        "frequency_hz": hz,
+        "window_s": window_s,
+        "unique_stacks": spread(stacks),
+        "samples_per_window": spread([r["samples"] for r in rows]),
+        "lost_per_window": spread([r["lost"] for r in rows]),
+        "processing_s": spread(processing),
+        "processing_share_of_window": round(max(processing) / window_s, 4),
+        "agent_cpu_s_per_window": spread([r["agent_cpu_s"] for r in rows]),
+        "agent_cpu_share_of_window": round(max(r["agent_cpu_s"] for r in rows) / window_s, 4),
+        "ms_per_1000_unique_stacks": round(1000 * 1000 * sum(processing) / max(sum(stacks), 1), 2),
+        "rss_mib": mib(rss),
+        "windows": rows,
+    }
+
+
+def main() -> None:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--processes", type=int, default=1000, help="random-walk processes")
+    parser.add_argument("--frequency", type=int, default=1000, help="Hz (max the agent takes)")
+    parser.add_argument("--low-frequency", type=int, default=99, help="Hz of the third run")
+    parser.add_argument("--window", type=float, default=10.0, help="window seconds")
+    parser.add_argument("--windows", type=int, default=4, help="measured windows per run")
+    args = parser.parse_args()
+    if args.quick:
+        args.windows = 2
+    require_root()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+    started = time.monotonic()
+    with scratch("scale") as workdir:
+        workload = str(build_workload(workdir))
+        runs = [
+            scenario(
+                workdir, [workload, "flat", "0"], 2, args.frequency, args.window, args.windows
+            ),
+            scenario(
+                workdir,
+                [workload, "stacks", "0"],
+                args.processes,
+                args.frequency,
+                args.window,
+                args.windows,
+            ),
+            scenario(
+                workdir,
+                [workload, "stacks", "0"],
+                args.processes,
+                args.low_frequency,
+                args.window,
+                args.windows,
+            ),
+        ]
+        for run in runs:
+            print(
+                f"{run['workload']} x{run['processes']} @ {run['frequency_hz']} Hz: "
+                f"{run['unique_stacks']['median']:.0f} stacks, "
+                f"{run['samples_per_window']['median']:.0f} samples, "
+                f"processing {run['processing_s']['median']:.3f} s, "
+                f"agent CPU {run['agent_cpu_s_per_window']['median']:.2f} s per window",
+                flush=True,
+            )
+    emit(
+        "scale",
+        {"settings": vars(args), "runs": runs, "elapsed_s": round(time.monotonic() - started, 1)},
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()
