@@ -120,12 +120,14 @@ def random_code_addresses(path: Path, count: int, seed: int) -> list[int]:
 def addr2line_batch(binary: Path, vaddrs: list[int], tool_name: str = "addr2line") -> list[Frames]:
     """`addr2line -a -f -i` (or eu-addr2line) for many addresses in one run, per address."""
     tool = require_tool(tool_name)
+    if not vaddrs:
+        return []
     out = subprocess.run(
         [tool, "-a", "-f", "-i", "-e", str(binary)],
         input="\n".join(f"{v:#x}" for v in vaddrs) + "\n",
         capture_output=True,
         text=True,
-        check=True,
+        check=False,  # eu-addr2line exits 1 when some address is unknown ("??")
         timeout=600,
     ).stdout.splitlines()
     groups: list[Frames] = []
