@@ -1,7 +1,7 @@
 """The admin HTTP server: /metrics, /healthz, /readyz (and routes added by the daemon).
 
 Binds 127.0.0.1 by default. The daemon refuses a non-loopback bind without a token
-(see agent.daemon.check_http_exposure); when a token is set every route but /healthz
+(see agent.daemon.check_http_exposure); when a token is set every route but /healthz and /readyz
 requires `Authorization: Bearer <token>`, compared in constant time.
 """
 
@@ -20,6 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent import metrics
 
 log = logging.getLogger(__name__)
+
+# Kubelet probes cannot carry a secret, and these two reveal nothing.
+UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
 
 # A route gets the parsed query and returns (status, content type, body), or that plus
 # extra response headers.
@@ -87,7 +90,7 @@ class AdminServer:
         return 503, "text/plain", b"not ready\n"
 
     def authorized(self, header: str | None, path: str) -> bool:
-        if self._token is None or path == "/healthz":
+        if self._token is None or path in UNAUTHENTICATED_PATHS:
             return True
         expected = f"Bearer {self._token}".encode()
         return hmac.compare_digest((header or "").encode(), expected)

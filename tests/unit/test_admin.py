@@ -48,7 +48,8 @@ def test_token_is_required_when_set() -> None:
         assert get(admin, "/metrics")[0] == 401
         assert get(admin, "/metrics", token="wrong")[0] == 401
         assert get(admin, "/metrics", token="s3cret")[0] == 200
-        assert get(admin, "/healthz")[0] == 200  # liveness probes carry no token
+        assert get(admin, "/healthz")[0] == 200  # kubelet probes carry no token
+        assert get(admin, "/readyz")[0] == 503  # not ready yet, but not 401 either
     finally:
         admin.close()
 
