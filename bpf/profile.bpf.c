@@ -217,7 +217,7 @@ enum unwind_stat {
     STAT_TABLE_FRAMES,   // frames stepped with a table row
     STAT_FP_FRAMES,      // frames stepped with the frame pointer (no row)
     STAT_STACK_END,      // walks that reached an outermost frame
-    STAT_READ_ERROR,     // walks stopped by unreadable user memory or a zero frame
+    STAT_STOPPED,        // walks stopped early: unreadable memory, zero rbp or return address
     STAT_TRUNCATED,      // walks that hit MAX_USER_FRAMES or the tail-call limit
     STAT_NO_USER_REGS,   // samples without user registers (kernel threads)
     STAT_TAIL_CALL_FAILED,
@@ -361,13 +361,13 @@ static __always_inline int table_step(struct unwind_state *st, struct unwind_row
     }
     u64 ra = 0;
     if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)) != 0 || ra == 0) {
-        count_stat(STAT_READ_ERROR);
+        count_stat(STAT_STOPPED);
         return STEP_DONE;
     }
     if (row->rbp_offset != 0) {
         u64 bp = 0;
         if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + 8 * (s64)(s8)row->rbp_offset)) != 0) {
-            count_stat(STAT_READ_ERROR);
+            count_stat(STAT_STOPPED);
             return STEP_DONE;
         }
         st->bp = bp;
@@ -382,7 +382,7 @@ static __always_inline int frame_pointer_step(struct unwind_state *st) {
     u64 frame[2] = {};  // saved rbp, return address
     if (st->bp == 0 || bpf_probe_read_user(frame, sizeof(frame), (void *)st->bp) != 0 ||
         frame[1] == 0) {
-        count_stat(STAT_READ_ERROR);
+        count_stat(STAT_STOPPED);
         return STEP_DONE;
     }
     st->sp = st->bp + 16;

@@ -29,7 +29,7 @@ UNWIND_STATS = (
     "table_frames",  # frames stepped with an unwind table row
     "frame_pointer_frames",  # frames stepped with the frame pointer (no row)
     "stack_end",  # walks that reached an outermost frame
-    "read_error",  # walks stopped by unreadable user memory or a zero return address
+    "stopped",  # walks stopped early: unreadable memory, zero rbp or return address
     "truncated",  # walks cut at 127 frames or at the tail-call limit
     "no_user_registers",  # samples without user registers (kernel threads)
     "tail_call_failed",  # walker not loaded: the sample fell back to frame pointers

@@ -41,6 +41,16 @@ EVENT_PAGES = 64  # ring buffer of 256 KiB: ~16k pid events between polls
 DEFAULT_UNWIND_ROWS = 2_000_000  # 8 bytes each: 16 MB of unwind table rows
 DEFAULT_UNWIND_MAPPINGS = 262_144  # LPM trie entries (pid, address prefix); allocated on use
 ROW_WRITE_BATCH = 65_536
+MAPS = ("counts", "stacks0", "stacks1", "control", "lost", "seen", "pid_events")
+UNWIND_MAPS = (
+    "unwind_rows",
+    "unwind_mappings",
+    "user_stacks0",
+    "user_stacks1",
+    "unwind_state",
+    "unwind_stats",
+    "unwind_programs",
+)
 
 
 class _PidEventStruct(ctypes.Structure):
@@ -271,12 +281,43 @@ class SamplerProgram:
         self._events.append(PidEvent(pid=int(event.pid), kind=int(event.kind)))
         return 0
 
+    def run_stats(self) -> dict[str, tuple[int, int]]:
+        """Program name -> (run_time_ns, run_cnt) from fdinfo.
+
+        The kernel counts only while kernel.bpf_stats_enabled=1; a tail-called program's
+        time is included in the program that the event entered (on_cpu_clock).
+        """
+        stats = {}
+        for name, function in self._bpf.funcs.items():
+            info = _fdinfo(function.fd)
+            stats[name.decode()] = (info.get("run_time_ns", 0), info.get("run_cnt", 0))
+        return stats
+
+    def map_memory(self) -> dict[str, int]:
+        """Map name -> bytes the kernel charges for it (fdinfo "memlock")."""
+        names = MAPS + (UNWIND_MAPS if self.table_unwinding else ())
+        return {name: _fdinfo(self._bpf[name.encode()].map_fd).get("memlock", 0) for name in names}
+
     def close(self) -> None:
         """Detach everything and free the maps. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._bpf.cleanup()
+
+
+def _fdinfo(fd: int) -> dict[str, int]:
+    """The integer fields of /proc/self/fdinfo/FD (0 when unreadable)."""
+    fields = {}
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                with contextlib.suppress(ValueError):
+                    fields[name.strip()] = int(value.strip())
+    except OSError:
+        pass
+    return fields
 
 
 def _delete_keys(table: Any, ids: Sequence[int]) -> None:

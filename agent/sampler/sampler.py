@@ -197,6 +197,14 @@ class Sampler:
         _record_metrics(window, program, len(entries), len(stacks))
         return window
 
+    def bpf_run_stats(self) -> dict[str, tuple[int, int]]:
+        """Program -> (run_time_ns, run_cnt); counted only with kernel.bpf_stats_enabled=1."""
+        return self._require_started().run_stats()
+
+    def bpf_map_memory(self) -> dict[str, int]:
+        """Map -> bytes charged by the kernel."""
+        return self._require_started().map_memory()
+
     def _take_lost(self, program: SamplerProgram) -> dict[str, int]:
         """Sample losses since the previous drain; remembers pid-event drops aside."""
         current = program.read_lost()

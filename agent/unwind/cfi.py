@@ -59,6 +59,17 @@ class _Cie:
     has_augmentation_data: bool  # "z": FDEs carry an augmentation data block
     initial_instructions: bytes
     address_size: int = 8
+    initial_rules: FrameRules | None = None  # after the initial instructions (cached)
+
+
+class FdeRef(NamedTuple):
+    """Where an FDE's instructions are, without running them (cheap to keep many)."""
+
+    start: int
+    end: int
+    cie: _Cie
+    code_start: int  # offsets in the section data
+    code_end: int
 
 
 class _Reader:
@@ -138,23 +149,24 @@ class _Reader:
         raise CfiError(f"unsupported pointer format {fmt:#x}")
 
 
-def iter_fdes(data: bytes, section_address: int, eh_frame: bool) -> Iterator[Fde]:
-    """Every FDE of an .eh_frame (eh_frame=True) or .debug_frame section.
+def index_fdes(data: bytes, section_address: int, eh_frame: bool) -> list[FdeRef]:
+    """The FDEs of an .eh_frame (eh_frame=True) or .debug_frame section, unsorted.
 
     A malformed CIE or FDE is skipped; a malformed entry header ends the walk (what
     follows cannot be found), keeping the FDEs before it.
     """
     cies: dict[int, _Cie] = {}
+    fdes: list[FdeRef] = []
     reader = _Reader(data)
     while reader.pos + 4 <= len(data):
         entry_start = reader.pos
         try:
             header = _entry_header(reader, eh_frame)
         except CfiError:
-            return
+            break
         if header is None:
             if eh_frame:
-                return  # the zero terminator
+                break  # the zero terminator
             continue
         cie_pointer, is_cie, body = header
         if is_cie:
@@ -165,8 +177,32 @@ def iter_fdes(data: bytes, section_address: int, eh_frame: bool) -> Iterator[Fde
             cie = cies.get(cie_pointer)
             fde = _parse_fde(body, cie, section_address, eh_frame) if cie else None
             if fde is not None:
-                yield fde
+                fdes.append(fde)
         reader.pos = body.end
+    return fdes
+
+
+def fde_rules(data: bytes, fde: FdeRef, section_address: int) -> list[tuple[int, FrameRules]]:
+    """Run the FDE's instructions: (pc, rules from pc on), pcs ascending from its start.
+
+    Raises CfiError when the instructions are malformed.
+    """
+    cie = fde.cie
+    if cie.initial_rules is None:
+        initial = _execute(cie, cie.initial_instructions, 0, INITIAL_RULES, None, [], 0)
+        cie.initial_rules = initial[-1][1]
+    code = data[fde.code_start : fde.code_end]
+    rules = cie.initial_rules
+    return _execute(cie, code, fde.start, rules, rules, [], section_address)
+
+
+def iter_fdes(data: bytes, section_address: int, eh_frame: bool) -> Iterator[Fde]:
+    """Every well-formed FDE with its rows, in section order."""
+    for fde in index_fdes(data, section_address, eh_frame):
+        try:
+            yield Fde(fde.start, fde.end, fde_rules(data, fde, section_address))
+        except CfiError:
+            continue
 
 
 def _entry_header(reader: _Reader, eh_frame: bool) -> tuple[int, bool, _Reader] | None:
@@ -232,7 +268,7 @@ def _read_cie(reader: _Reader) -> _Cie:
     )
 
 
-def _parse_fde(reader: _Reader, cie: _Cie, section_address: int, eh_frame: bool) -> Fde | None:
+def _parse_fde(reader: _Reader, cie: _Cie, section_address: int, eh_frame: bool) -> FdeRef | None:
     try:
         if eh_frame:
             start = reader.encoded(cie.fde_encoding, section_address)
@@ -242,25 +278,14 @@ def _parse_fde(reader: _Reader, cie: _Cie, section_address: int, eh_frame: bool)
         else:
             fmt = _U64 if cie.address_size == 8 else _U32
             start, size = reader.fixed(fmt), reader.fixed(fmt)
-        instructions = reader.data[reader.pos : reader.end]
-        rows = run_instructions(cie, instructions, start, section_address)
     except CfiError:
         return None
-    if size == 0 or start == 0:
-        return None  # discarded by the linker (COMDAT, gc'ed sections)
-    return Fde(start, start + size, rows)
+    if size == 0 or start == 0 or reader.pos > reader.end:
+        return None  # discarded by the linker (COMDAT, gc'ed sections), or malformed
+    return FdeRef(start, start + size, cie, reader.pos, reader.end)
 
 
 INITIAL_RULES = FrameRules(-1, 0, b"", (SAME, 0), (SAME, 0))
-
-
-def run_instructions(
-    cie: _Cie, instructions: bytes, start: int, section_address: int
-) -> list[tuple[int, FrameRules]]:
-    """Execute the CIE's initial instructions, then the FDE's: the FDE's rows."""
-    initial = _execute(cie, cie.initial_instructions, start, INITIAL_RULES, None, [], 0)
-    rules = initial[-1][1] if initial else INITIAL_RULES
-    return _execute(cie, instructions, start, rules, rules, [], section_address)
 
 
 def _execute(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -82,6 +83,7 @@ class UnwindTableStats:
     rows_capacity: int
     processes: int
     failed_binaries: int
+    routes: int  # (pid, address prefix) entries in the BPF trie
 
 
 class UnwindTables:
@@ -102,13 +104,18 @@ class UnwindTables:
         self._processes: dict[int, _Process] = {}
         self._failed: OrderedDict[str, int] = OrderedDict()  # key -> rows needed (0: no table)
         self._lock = threading.Lock()
+        self._own_pid = os.getpid()
 
     def prepare(self, process: ProcessInfo) -> int:
         """Load tables for the process's executable mappings and route its addresses.
 
         Replaces what was routed for this pid before (an exec, or a pid reused by a new
-        process). Returns how many mappings now have a table.
+        process). Returns how many mappings now have a table. The agent's own process
+        gets none: its stacks use frame pointers, and bcc's LLVM alone (1.7M rows) would
+        take most of the rows budget.
         """
+        if process.pid == self._own_pid:
+            return 0
         with self._lock:
             old = self._processes.get(process.pid)
             if old is not None and old.start_time != process.start_time:
@@ -144,6 +151,11 @@ class UnwindTables:
                 rows_capacity=self._allocator.capacity,
                 processes=len(self._processes),
                 failed_binaries=len(self._failed),
+                routes=sum(
+                    len(prefixes)
+                    for entry in self._processes.values()
+                    for _, prefixes in entry.routes.values()
+                ),
             )
 
     def table_users(self, key: str) -> set[int]:
@@ -196,7 +208,7 @@ class UnwindTables:
             self._remember_failure(source.key, len(table))
             return None
         self._failed.pop(source.key, None)
-        self._maps.write_unwind_rows(first_row, table.packed())
+        self._maps.write_unwind_rows(first_row, table.packed)
         loaded = _LoadedTable(first_row, len(table), table.base, table.loads)
         self._tables[source.key] = loaded
         return loaded

@@ -10,7 +10,8 @@ says how the BPF walker (bpf/profile.bpf.c) gets from a frame to its caller on x
 
 Row pcs are relative to the table's `base` (an ELF virtual address) so they fit in 32
 bits. Between two FDEs, a NONE row marks the gap: the walker falls back to frame pointers
-there. The CFI itself is parsed by agent.unwind.cfi; everything here is pure.
+there. The CFI itself is parsed by agent.unwind.cfi; rows are packed as they are made,
+so a table costs its BPF size (8 bytes a row) in memory, not a Python object per row.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import IO, NamedTuple
 from elftools.elf.elffile import ELFFile
 
 from agent.symbolize.elf import LoadSegment
-from agent.unwind.cfi import OFFSET, UNDEFINED, CfiError, FrameRules, iter_fdes
+from agent.unwind.cfi import OFFSET, UNDEFINED, CfiError, FrameRules, fde_rules, index_fdes
 
 RSP, RBP = 7, 6  # DWARF register numbers on x86_64
 ROW_FORMAT = struct.Struct("<IBbh")  # struct unwind_row in bpf/profile.bpf.c
@@ -71,20 +72,22 @@ class UnwindTableError(Exception):
 @dataclass(frozen=True)
 class UnwindTable:
     base: int  # ELF virtual address of table pc 0
-    rows: tuple[UnwindRow, ...]
+    packed: bytes  # the rows as the BPF program reads them (ROW_SIZE bytes each)
     loads: tuple[LoadSegment, ...] = ()  # to translate runtime addresses into vaddrs
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.packed) // ROW_SIZE
 
-    def packed(self) -> bytes:
-        """The rows as the BPF program reads them (8 bytes each)."""
-        return b"".join(pack_row(row) for row in self.rows)
+    @property
+    def rows(self) -> tuple[UnwindRow, ...]:
+        """The rows decoded (for tests and tools; the agent only ships `packed`)."""
+        return tuple(unpack_row(fields) for fields in ROW_FORMAT.iter_unpack(self.packed))
 
     def row_for(self, vaddr: int) -> UnwindRow | None:
         """The row covering an ELF virtual address (as the BPF search finds it)."""
-        index = bisect.bisect_right(self.rows, vaddr - self.base, key=lambda row: row.pc)
-        return self.rows[index - 1] if index > 0 else None
+        rows = self.rows
+        index = bisect.bisect_right(rows, vaddr - self.base, key=lambda row: row.pc)
+        return rows[index - 1] if index > 0 else None
 
 
 class FdeRows(NamedTuple):
@@ -95,6 +98,11 @@ class FdeRows(NamedTuple):
 
 def pack_row(row: UnwindRow) -> bytes:
     return ROW_FORMAT.pack(row.pc, int(row.kind), row.rbp_offset // 8, row.cfa_offset)
+
+
+def unpack_row(fields: tuple[int, ...]) -> UnwindRow:
+    pc, kind, rbp_slots, cfa_offset = fields
+    return UnwindRow(pc, CfaKind(kind), cfa_offset, rbp_slots * 8)
 
 
 def plt_threshold(expression: Sequence[int]) -> int | None:
@@ -137,45 +145,76 @@ def fde_rows(rows: Iterable[tuple[int, FrameRules]], start: int, end: int) -> Fd
     return FdeRows(start, end, out)
 
 
-def merge_fdes(fdes: Iterable[FdeRows]) -> UnwindTable:
-    """One sorted table from many FDEs: gaps become NONE rows, equal neighbours merge.
+class TableBuilder:
+    """Packs FDEs, given in ascending start order, into one table as they come.
 
-    An FDE that overlaps one that starts before it is dropped; among FDEs that start
-    at the same address the first listed wins, so list the preferred source first.
+    Streaming keeps memory at the packed size (8 bytes a row) even for binaries with a
+    million rows. An FDE that overlaps the previous one is dropped; a gap of at least
+    PADDING_GAP bytes after an FDE gets a NONE row; a row at the pc of the previous one
+    replaces it; a row with the previous row's rule is not repeated.
     """
-    taken: list[FdeRows] = []
+
+    def __init__(self) -> None:
+        self._out = bytearray()
+        self._base: int | None = None
+        self._end = 0  # end of the last FDE taken (vaddr)
+        self._last: tuple[int, tuple[CfaKind, int, int]] | None = None  # (pc, rule)
+
+    def add(self, start: int, end: int, rows: Iterable[UnwindRow]) -> bool:
+        """Append one FDE (rows with vaddr pcs); False when it was dropped."""
+        if end <= start or (self._base is not None and start < self._end):
+            return False
+        base = start if self._base is None else self._base
+        if end - base > MAX_TABLE_SPAN:
+            return False
+        rows = [row for row in rows if start <= row.pc < end]
+        if not rows:
+            return False
+        if self._base is not None and start - self._end >= PADDING_GAP:
+            self._emit(self._end - base, (CfaKind.NONE, 0, 0))
+        self._base = base
+        for row in rows:
+            self._emit(row.pc - base, row.rule())
+        self._end = end
+        return True
+
+    def finish(self, loads: tuple[LoadSegment, ...] = ()) -> UnwindTable:
+        if self._base is None:
+            raise UnwindTableError("no frame description entries")
+        self._emit(self._end - self._base, (CfaKind.NONE, 0, 0))
+        return UnwindTable(self._base, bytes(self._out), loads)
+
+    def _emit(self, pc: int, rule: tuple[CfaKind, int, int]) -> None:
+        if self._last is not None:
+            last_pc, last_rule = self._last
+            if pc < last_pc:
+                return  # rows out of order: keep the first account
+            if pc == last_pc:  # the later rule at a pc wins
+                del self._out[-ROW_SIZE:]
+                before = self._previous_rule()
+                if before == rule:  # ... and may now repeat the row before it
+                    self._last = (self._previous_pc(), rule)
+                    return
+            elif rule == last_rule:
+                return
+        self._out += ROW_FORMAT.pack(pc, int(rule[0]), rule[2] // 8, rule[1])
+        self._last = (pc, rule)
+
+    def _previous_rule(self) -> tuple[CfaKind, int, int] | None:
+        if not self._out:
+            return None
+        return unpack_row(ROW_FORMAT.unpack_from(self._out, len(self._out) - ROW_SIZE)).rule()
+
+    def _previous_pc(self) -> int:
+        return int(ROW_FORMAT.unpack_from(self._out, len(self._out) - ROW_SIZE)[0])
+
+
+def merge_fdes(fdes: Iterable[FdeRows]) -> UnwindTable:
+    """One table from FDEs in any order; among FDEs with the same start the first wins."""
+    builder = TableBuilder()
     for fde in sorted(fdes, key=lambda f: f.start):  # stable: listing order among equals
-        if fde.end <= fde.start or not fde.rows:
-            continue
-        if taken and fde.start < taken[-1].end:
-            continue
-        taken.append(fde)
-    if not taken:
-        raise UnwindTableError("no frame description entries")
-    base = taken[0].start
-    rows: list[UnwindRow] = []
-    for index, fde in enumerate(taken):
-        if fde.end - base > MAX_TABLE_SPAN:
-            break
-        rows.extend(row._replace(pc=row.pc - base) for row in fde.rows)
-        next_start = taken[index + 1].start if index + 1 < len(taken) else None
-        if next_start is None or next_start - fde.end >= PADDING_GAP:
-            rows.append(UnwindRow(fde.end - base, CfaKind.NONE))
-    return UnwindTable(base, tuple(compact(rows)))
-
-
-def compact(rows: Iterable[UnwindRow]) -> list[UnwindRow]:
-    """Keep the last rule given at each pc, and drop rows that repeat their predecessor."""
-    by_pc: dict[int, UnwindRow] = {}
-    for row in rows:
-        by_pc[row.pc] = row
-    out: list[UnwindRow] = []
-    for pc in sorted(by_pc):
-        row = by_pc[pc]
-        if out and out[-1].rule() == row.rule():
-            continue
-        out.append(row)
-    return out
+        builder.add(fde.start, fde.end, fde.rows)
+    return builder.finish()
 
 
 def read_unwind_table(stream: IO[bytes]) -> UnwindTable:
@@ -188,23 +227,32 @@ def read_unwind_table(stream: IO[bytes]) -> UnwindTable:
         elf = ELFFile(stream)
         if elf["e_machine"] != "EM_X86_64":
             raise UnwindTableError(f"unsupported machine {elf['e_machine']}")
-        fdes: list[FdeRows] = []
+        sections = []
         for name, eh_frame in ((".eh_frame", True), (".debug_frame", False)):
             section = elf.get_section_by_name(name)
-            if section is None or section["sh_type"] == "SHT_NOBITS":
-                continue
-            for fde in iter_fdes(section.data(), section["sh_addr"], eh_frame):
-                fdes.append(fde_rows(fde.rows, fde.start, fde.end))
-        table = merge_fdes(fdes)
+            if section is not None and section["sh_type"] != "SHT_NOBITS":
+                data, address = section.data(), section["sh_addr"]
+                sections.append((data, address, index_fdes(data, address, eh_frame)))
+        # Ascending start; .eh_frame first among equal starts (sort is stable).
+        order = sorted(
+            ((fde.start, rank, fde) for rank, (_, _, fdes) in enumerate(sections) for fde in fdes),
+            key=lambda item: (item[0], item[1]),
+        )
+        builder = TableBuilder()
+        for _, rank, fde in order:
+            data, address, _ = sections[rank]
+            try:
+                rules = fde_rules(data, fde, address)
+            except CfiError:
+                continue  # this function falls back to frame pointers
+            builder.add(fde.start, fde.end, fde_rows(rules, fde.start, fde.end).rows)
         loads = tuple(
             LoadSegment(h.p_offset, h.p_vaddr, h.p_filesz, h.p_memsz, h.p_flags)
             for h in (segment.header for segment in elf.iter_segments())
             if h.p_type == "PT_LOAD"
         )
+        return builder.finish(loads)
     except (UnwindTableError, OSError):
         raise
-    except CfiError as exc:
-        raise UnwindTableError(str(exc)) from exc
     except Exception as exc:  # pyelftools raises many types on malformed ELF
         raise UnwindTableError(f"{type(exc).__name__}: {exc}") from exc
-    return UnwindTable(table.base, table.rows, loads)

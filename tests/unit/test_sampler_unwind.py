@@ -30,7 +30,7 @@ def test_unwind_stats_match_the_bpf_enum() -> None:
         "table_frames",
         "fp_frames",
         "stack_end",
-        "read_error",
+        "stopped",
         "truncated",
         "no_user_regs",
         "tail_call_failed",

@@ -286,7 +286,9 @@ def test_binaries_that_do_not_fit_are_refused_and_retried_when_room_is_made(
     assert tables.prepare(dataclasses.replace(info, mappings=(libc_mapping,))) == 1
 
 
-def test_unreadable_and_non_elf_mappings_are_skipped(tmp_path: Path) -> None:
+def test_unreadable_and_non_elf_mappings_are_skipped(
+    tmp_path: Path, sleepers: list[subprocess.Popen[bytes]]
+) -> None:
     text = tmp_path / "script.txt"
     text.write_text("not an ELF file\n" * 100)
     st_text = text.stat()
@@ -296,14 +298,21 @@ def test_unreadable_and_non_elf_mappings_are_skipped(tmp_path: Path) -> None:
         Mapping(0x20000, 0x21000, 0, "/nonexistent/lib.so", "00:00", 1),
         Mapping(0x30000, 0x31000, 0, "", "00:00", 0),  # anonymous (JIT)
     )
-    own = read_process(os.getpid())
-    assert own is not None
+    odd = dataclasses.replace(start_sleeper(sleepers), mappings=mappings)
     maps = MemoryMaps(1000)
     tables = UnwindTables(maps)
-    assert tables.prepare(dataclasses.replace(own, mappings=mappings)) == 0
+    assert tables.prepare(odd) == 0
     assert maps.routes == {} and tables.stats().tables == 0
     assert tables.stats().failed_binaries == 1  # the text file was opened, then refused
-    assert tables.prepare(dataclasses.replace(own, mappings=mappings)) == 0  # not re-read
+    assert tables.prepare(odd) == 0  # and not read again
+
+
+def test_the_agent_itself_gets_no_tables() -> None:
+    own = read_process(os.getpid())
+    assert own is not None and own.mappings
+    tables = UnwindTables(MemoryMaps(1_000_000))
+    assert tables.prepare(own) == 0
+    assert tables.stats().processes == 0
 
 
 def test_vdso_gets_a_table(sleepers: list[subprocess.Popen[bytes]]) -> None:
