@@ -10,7 +10,7 @@
 #     strobe run
 
 # Any Debian 12 root file system; scripts/build-image.sh --local-base makes one with debootstrap.
-ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
+ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1

@@ -17,7 +17,15 @@ cd "$(dirname "$0")/.."
 
 BASE_IMAGE=localhost/strobe-base:bookworm-slim
 BASE_RECIPE=1   # bump when make_local_base changes, so cached bases are rebuilt
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this host's apt already uses (deb822 or one-line sources), unless given.
+host_mirror() {
+  local suffix=$1
+  grep -hoE "https?://[^ ]+/debian${suffix}/?( |$)" /etc/apt/sources.list.d/*.sources \
+    /etc/apt/sources.list 2>/dev/null | head -1 | tr -d ' '
+}
+MIRROR=${DEBIAN_MIRROR:-$(host_mirror "")}
+SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-$(host_mirror "-security")}
+SECURITY_MIRROR=${SECURITY_MIRROR:-$MIRROR}
 tag=localhost/strobe:latest
 local_base=0
 while (($#)); do
@@ -35,6 +43,10 @@ base_is_current() {
 
 make_local_base() {
   local root
+  if [ -z "$MIRROR" ]; then
+    echo "build-image: no Debian mirror in /etc/apt sources; set DEBIAN_MIRROR" >&2
+    return 1
+  fi
   root=$(mktemp -d /var/tmp/strobe-base.XXXXXX)
   trap 'rm -rf "$root"' RETURN
   echo "build-image: debootstrap bookworm (minbase) into $root"
@@ -45,7 +57,7 @@ make_local_base() {
   cat >"$root/etc/apt/sources.list" <<EOF
 deb $MIRROR bookworm main
 deb $MIRROR bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
+deb $SECURITY_MIRROR bookworm-security main
 EOF
   cat >"$root/etc/dpkg/dpkg.cfg.d/strobe-slim" <<'EOF'
 path-exclude /usr/share/doc/*
