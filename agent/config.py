@@ -365,6 +365,23 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "debuginfod_urls",
+        parse_url_list,
+        (),
+        "debuginfod servers for missing debug files and executables "
+        "(space-separated; default: $DEBUGINFOD_URLS).",
+        BOTH,
+        metavar="URLS",
+    ),
+    Option(
+        "symbol_cache_max_bytes",
+        parse_size,
+        1 << 30,
+        "Disk bound of the symbol index cache under cache_dir/symbols (least recently used out).",
+        BOTH,
+        metavar="SIZE",
+    ),
+    Option(
         "cache_dir",
         parse_text,
         "/var/cache/strobe",

@@ -106,7 +106,7 @@ def build_pipeline(
     config: Config, pid: int | None = None, background_indexing: bool = True
 ) -> Pipeline:
     processes = ProcessCache()
-    symbolizer = Symbolizer(kallsyms=Kallsyms.load())
+    symbolizer = Symbolizer.from_config(config, kallsyms=Kallsyms.load())
     pod_watcher = start_pod_watcher(config)
     labeler = Labeler(config.resolved_node_name, config.relabel_configs, kubernetes=pod_watcher)
     guard = CardinalityGuard(config.max_series_per_window)

@@ -70,8 +70,16 @@ def _clean_legacy_rust(name: str) -> str:
     name = _RUST_LEADING_UNDERSCORE.sub(r"\1$", name)  # "_$LT$" opens a component as "<"
     for escape, text in _RUST_ESCAPES.items():
         name = name.replace(escape, text)
-    name = _RUST_UNICODE.sub(lambda m: chr(int(m.group(1), 16)), name)
+    name = _RUST_UNICODE.sub(_rust_char, name)
     return name.replace("..", "::")
+
+
+def _rust_char(match: re.Match[str]) -> str:
+    """The character a `$u<hex>$` escape names; the escape itself when it names none."""
+    code = int(match.group(1), 16)
+    if code >= 0x110000 or 0xD800 <= code <= 0xDFFF:  # chr() refuses or makes a surrogate
+        return match.group(0)
+    return chr(code)
 
 
 @functools.lru_cache(maxsize=65536)

@@ -10,6 +10,7 @@ ships with ELF names at first and with inlined frames, files and lines later.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import tempfile
 import threading
@@ -17,12 +18,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.metrics import BINARY_ERRORS, FRAMES, SYMBOL_CACHE_BINARIES
 from agent.model import Frame, Location, Mapping, ProcessInfo
 from agent.symbolize.binaries import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
 from agent.symbolize.debugfiles import DEFAULT_DEBUG_DIRS
-from agent.symbolize.debuginfod import DebuginfodClient, Status
+from agent.symbolize.debuginfod import DebuginfodClient, Status, urls_from
 from agent.symbolize.diskcache import SymbolStore
 from agent.symbolize.dwarf import frame_of
 from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id, runtime_to_elf_vaddr
@@ -31,6 +33,11 @@ from agent.symbolize.index_child import IndexLimits
 from agent.symbolize.indexing import BuildStats, DwarfBuilder
 from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.perfmap import PerfMaps, is_jit_candidate
+
+if TYPE_CHECKING:
+    from agent.config import Config
+
+log = logging.getLogger(__name__)
 
 FileIdentity = tuple[str, int, str]  # mapping dev, inode, path
 DEFAULT_SYMBOL_CACHE_BYTES = 1 << 30
@@ -44,8 +51,9 @@ class Symbolizer:
     parsed is counted in strobe_binary_errors{reason} and retried after retry_seconds.
     DWARF indexes live on disk under cache_dir/symbols (a private temporary directory
     when cache_dir is None), bounded by symbol_cache_max_bytes; they are built in a
-    child capped by index_limits. debuginfod, when given, supplies missing debug files
-    and executables; perf maps name JIT code in anonymous executable memory.
+    child capped by index_limits. debuginfod (a client, or servers whose downloads go
+    to cache_dir/debuginfod) supplies missing debug files and executables; perf maps
+    name JIT code in anonymous executable memory.
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class Symbolizer:
         symbol_cache_max_bytes: int = DEFAULT_SYMBOL_CACHE_BYTES,
         index_limits: IndexLimits | None = None,
         debuginfod: DebuginfodClient | None = None,
+        debuginfod_urls: Sequence[str] = (),
         perf_maps: PerfMaps | None = None,
     ) -> None:
         if max_binaries < 1:
@@ -82,12 +91,34 @@ class Symbolizer:
         )
         root = Path(self._temp_dir.name if self._temp_dir else str(cache_dir))
         store = SymbolStore(root / "symbols", symbol_cache_max_bytes)
+        if debuginfod is None and debuginfod_urls:
+            debuginfod = DebuginfodClient(debuginfod_urls, root / "debuginfod")
         self._debuginfod = debuginfod
         self._builder = DwarfBuilder(
             store, tuple(str(d) for d in debug_dirs), index_limits or IndexLimits(), debuginfod
         )
         self._perf_maps = perf_maps if perf_maps is not None else PerfMaps(proc)
         self._waker: Callable[[], None] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, kallsyms: Kallsyms | None = None) -> Symbolizer:
+        """The agent's symbolizer: cache_dir, symbol_cache_max_bytes, debuginfod_urls.
+
+        An unusable cache directory (read-only, not ours) falls back to a private
+        temporary one rather than failing the agent: indexes then last one run.
+        """
+        cache_dir: Path | None = Path(config.cache_dir)
+        try:
+            (Path(config.cache_dir) / "symbols").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("symbol cache: cannot use %s (%s); indexes last one run", cache_dir, exc)
+            cache_dir = None
+        return cls(
+            kallsyms=kallsyms,
+            cache_dir=cache_dir,
+            symbol_cache_max_bytes=config.symbol_cache_max_bytes,
+            debuginfod_urls=urls_from(config.debuginfod_urls),
+        )
 
     def set_waker(self, waker: Callable[[], None] | None) -> None:
         """Called when work became pending off the sampling path (a download arrived)."""
