@@ -21,7 +21,7 @@ BASE_RECIPE=1   # bump when make_local_base changes, so cached bases are rebuilt
 host_mirror() {
   local suffix=$1
   grep -hoE "https?://[^ ]+/debian${suffix}/?( |$)" /etc/apt/sources.list.d/*.sources \
-    /etc/apt/sources.list 2>/dev/null | head -1 | tr -d ' '
+    /etc/apt/sources.list 2>/dev/null | head -1 | tr -d ' ' || true
 }
 MIRROR=${DEBIAN_MIRROR:-$(host_mirror "")}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-$(host_mirror "-security")}

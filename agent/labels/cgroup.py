@@ -33,7 +33,9 @@ _SCOPE_PREFIXES = {
     "libpod-": PODMAN,
     "nerdctl-": CONTAINERD,
 }
-_SCOPE = re.compile(rf"^(?P<prefix>[a-z-]+-)(?P<id>{_ID})\.scope$")
+# ".scope" with the systemd cgroup driver; podman's cgroupfs driver has a bare
+# "libpod_parent/libpod-<id>" (seen with runc on a hybrid host).
+_SCOPE = re.compile(rf"^(?P<prefix>[a-z-]+-)(?P<id>{_ID})(?:\.scope)?$")
 # containerd with the systemd driver but its own cgroup layout: "<slice>:<prefix>:<id>"
 _COLON_FORM = re.compile(rf"^[^:]*:(?P<prefix>cri-containerd|crio|docker):(?P<id>{_ID})$")
 _COLON_RUNTIMES = {"cri-containerd": CONTAINERD, "crio": CRIO, "docker": DOCKER}

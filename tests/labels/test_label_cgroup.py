@@ -126,6 +126,11 @@ POD_SLICE = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UI
             id="podman-rootful",
         ),
         pytest.param(
+            f"8:pids:/libpod_parent/libpod-{CID}\n0::/libpod_parent/libpod-{CID}\n",
+            CgroupInfo(f"/libpod_parent/libpod-{CID}", CID, "podman", "", ""),
+            id="podman-cgroupfs-driver",
+        ),
+        pytest.param(
             f"0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope\n",
             CgroupInfo(
                 f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope",
