@@ -85,7 +85,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("config") / "strobe.yaml"
 
 
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(yaml_texts())
 @example("window: 2001-02-30\n")
 @example("window: " + "1" + "0" * 400 + "\n")
