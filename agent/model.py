@@ -110,3 +110,13 @@ class SeriesProfile:
     period_ns: int  # CPU nanoseconds one sample stands for
     samples: tuple[ProfileSample, ...]
     pprof: bytes  # the gzipped pprof of `samples`
+
+
+def valid_utf8(text: str) -> str:
+    """`text` with each lone surrogate (an undecodable byte from ELF or /proc) as U+FFFD,
+    so protobuf string fields accept it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)

@@ -78,7 +78,7 @@ def read_cgroup(proc: Path, pid: int, start_time: int) -> CgroupInfo:
     try:
         if start_time and _start_time(proc / str(pid) / "stat") != start_time:
             return CgroupInfo()
-        return parse_cgroup((proc / str(pid) / "cgroup").read_text())
+        return parse_cgroup(_read_raw_text(proc / str(pid) / "cgroup"))
     except (OSError, ValueError):
         return CgroupInfo()
 
@@ -188,3 +188,9 @@ class Labeler:
         if self.kubernetes is None or not (cgroup.pod_uid or cgroup.container_id):
             return None
         return self.kubernetes.pod(cgroup.pod_uid, cgroup.container_id)
+
+
+def _read_raw_text(path: Path) -> str:
+    """File text with line ends as the kernel wrote them (a "\\r" in a cgroup name stays)."""
+    with path.open(newline="") as file:
+        return file.read()

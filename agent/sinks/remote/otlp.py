@@ -33,7 +33,7 @@ from opentelemetry.proto.common.v1 import common_pb2 as common
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as prof
 from opentelemetry.proto.resource.v1 import resource_pb2 as resource
 
-from agent.model import Frame, Location, Mapping, ProfileSample, SeriesProfile
+from agent.model import Frame, Location, Mapping, ProfileSample, SeriesProfile, valid_utf8
 
 METHOD = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
 SCOPE_NAME = "strobe"
@@ -54,7 +54,7 @@ AttrValue = str | int
 def any_value(value: AttrValue) -> common.AnyValue:
     if isinstance(value, int):
         return common.AnyValue(int_value=value)
-    return common.AnyValue(string_value=value)
+    return common.AnyValue(string_value=valid_utf8(value))
 
 
 def attribute(key: str, value: str) -> tuple[str, AttrValue]:
@@ -89,7 +89,7 @@ class Dictionary:
         index = self._strings.get(text)
         if index is None:
             index = self._strings[text] = len(self.message.string_table)
-            self.message.string_table.append(text)
+            self.message.string_table.append(valid_utf8(text))
         return index
 
     def attribute(self, key: str, value: AttrValue) -> int:

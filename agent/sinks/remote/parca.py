@@ -18,7 +18,7 @@ How the data maps to series:
 
 from __future__ import annotations
 
-from agent.model import SeriesProfile
+from agent.model import SeriesProfile, valid_utf8
 from agent.sinks.proto import profilestore_pb2 as pb
 
 PROFILE_NAME = "parca_agent_cpu"
@@ -36,7 +36,10 @@ def series_labels(profile: SeriesProfile, node: str) -> list[tuple[str, str]]:
 
 def encode(profile: SeriesProfile, node: str, normalized: bool) -> bytes:
     """The serialized WriteRawRequest for one profile."""
-    labels = [pb.Label(name=name, value=value) for name, value in series_labels(profile, node)]
+    labels = [
+        pb.Label(name=valid_utf8(name), value=valid_utf8(value))
+        for name, value in series_labels(profile, node)
+    ]
     series = pb.RawProfileSeries(
         labels=pb.LabelSet(labels=labels),
         samples=[pb.RawSample(raw_profile=profile.pprof)],
