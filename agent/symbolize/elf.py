@@ -28,6 +28,10 @@ SHT_NOBITS = 8
 MAX_SECTIONS = 8192
 MAX_SEGMENTS = 1024
 MAX_SYMBOLS = 4_000_000
+SHF_COMPRESSED = 0x800
+MAX_INFLATION = 64  # zlib of real tables stays far below; a bomb of zeros is ~1000x
+MAX_NAMES_BYTES = 16 << 20
+DEBUG_PREFIXES = (b".debug", b".zdebug")
 
 
 class ElfReadError(Exception):
@@ -178,7 +182,9 @@ def check_layout(stream: IO[bytes]) -> None:
     raw = stream.read(header.size)
     if len(raw) < header.size:
         raise ElfReadError("truncated ELF header")
-    _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = header.unpack(raw)
+    _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, shstrndx = header.unpack(
+        raw
+    )
     sections = _section_headers(stream, size, bits, order, shoff, shentsize, shnum)
     if phnum == 0xFFFF and sections:  # PN_XNUM: the real count is in section 0's sh_info
         phnum = sections[0][7]
@@ -187,7 +193,41 @@ def check_layout(stream: IO[bytes]) -> None:
     for index, (_, sh_type, _, _, offset, length, *_rest) in enumerate(sections):
         if index and sh_type != SHT_NOBITS and length and offset + length > size:
             raise ElfReadError(f"section {index} ({length} bytes at {offset:#x}) past end of file")
+    if any(section[2] & SHF_COMPRESSED for section in sections):
+        _check_compressed(stream, sections, bits, order, shstrndx)
     stream.seek(0)
+
+
+def _check_compressed(
+    stream: IO[bytes], sections: list[tuple[int, ...]], bits: int, order: str, shstrndx: int
+) -> None:
+    """Refuse a compressed section we would inflate in process that claims to grow absurdly.
+
+    pyelftools inflates a SHF_COMPRESSED section to whatever its header claims. Only
+    DWARF sections are compressed in practice, and those are read by the indexing child
+    (under its memory cap), never here.
+    """
+    if shstrndx == 0xFFFF and sections:  # SHN_XINDEX: the index is in section 0's sh_link
+        shstrndx = sections[0][6]
+    if not 0 < shstrndx < len(sections) or sections[shstrndx][2] & SHF_COMPRESSED:
+        raise ElfReadError("compressed sections without a plain section name table")
+    _, _, _, _, names_offset, names_size, *_ = sections[shstrndx]
+    if names_size > MAX_NAMES_BYTES:
+        raise ElfReadError(f"section name table of {names_size} bytes")
+    stream.seek(names_offset)
+    names = stream.read(names_size)
+    chdr = struct.Struct(order + ("IIQQ" if bits == 64 else "III"))
+    for name_offset, _, flags, _, offset, length, *_ in sections:
+        end = names.find(b"\0", name_offset)
+        if not flags & SHF_COMPRESSED or names[name_offset:end].startswith(DEBUG_PREFIXES):
+            continue
+        stream.seek(offset)
+        raw = stream.read(chdr.size)
+        if len(raw) < chdr.size:
+            raise ElfReadError("truncated compression header")
+        inflated = chdr.unpack(raw)[2 if bits == 64 else 1]
+        if inflated > max(MAX_INFLATION * length, 1 << 20):
+            raise ElfReadError(f"a {length}-byte compressed section claims {inflated} bytes")
 
 
 def _section_headers(

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,17 @@ def crafted(source: Path, target: Path, how: str) -> Path:
         patch(target, shoff + SH_SIZE, "Q", 1 << 31)
     elif how == "section_table":  # the table itself beyond the end of the file
         patch(target, E_SHOFF, "Q", 1 << 45)
+    elif how == "symtab_bomb":  # 256 MiB of zeros, zlib-compressed into .symtab (~260 KB)
+        blob = zlib.compress(bytes(256 << 20), 6)
+        offset = target.stat().st_size
+        with open(target, "ab") as f:
+            f.write(struct.pack("<IIQQ", 1, 0, 256 << 20, 8) + blob)  # ELFCOMPRESS_ZLIB
+        header = section_header_offset(target, ".symtab")
+        with open(target, "rb") as f:
+            f.seek(header + 8)
+            (flags,) = struct.unpack("<Q", f.read(8))
+        patch(target, header + 8, "Q", flags | 0x800)  # SHF_COMPRESSED
+        patch(target, header + SH_OFFSET, "QQ", offset, 24 + len(blob))
     elif how == "segment_count":  # PN_XNUM with 4 billion program headers
         patch(target, E_PHNUM, "H", 0xFFFF)
         with open(target, "rb") as f:
@@ -180,7 +192,15 @@ def crafted(source: Path, target: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    "how", ["symtab_size", "symtab_offset", "section_count", "section_table", "segment_count"]
+    "how",
+    [
+        "symtab_size",
+        "symtab_offset",
+        "section_count",
+        "section_table",
+        "segment_count",
+        "symtab_bomb",
+    ],
 )
 def test_crafted_headers_are_rejected_up_front(c_binaries: Path, tmp_path: Path, how: str) -> None:
     path = crafted(c_binaries / "spin_pie", tmp_path / how, how)
