@@ -151,6 +151,14 @@ class PerfMaps:
             self._maps.move_to_end(key)
             return perf_map
 
+    def preload(self, process: ProcessInfo) -> None:
+        """Locate and read the process's perf map now, off the sampling path."""
+        perf_map = self.locate(process)
+        with self._lock:
+            perf_map.checked_at = time.monotonic()
+            with contextlib.suppress(OSError, ValueError):
+                perf_map.refresh()
+
     def lookup(self, process: ProcessInfo, address: int) -> str | None:
         """The JIT symbol at address in process, or None."""
         perf_map = self.locate(process)

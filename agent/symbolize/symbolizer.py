@@ -209,7 +209,7 @@ class Symbolizer:
         ready = 0
         seen: set[str] = set()
         if any(is_jit_candidate(m) for m in process.mappings):
-            self._perf_maps.locate(process)  # while the process (and its /tmp) still exists
+            self._perf_maps.preload(process)  # while the process (and its /tmp) still exists
         for mapping in process.mappings:
             binary = self._binary_for(process.pid, mapping)
             if binary is None or binary.key in seen:
