@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from agent.unwind.table import ROW_SIZE, UnwindTableError, read_unwind_table  # 
 
 REPO = Path(__file__).resolve().parent.parent
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+MODES = ("fp", "dwarf")
 RECURSION_C = r"""
 #include <stdlib.h>
 #include <time.h>
@@ -244,29 +246,41 @@ def report_machine(built: MachineTables, loaded: dict[str, float]) -> None:
     print()
 
 
-def report_costs(frequency: int, seconds: float) -> None:
-    print(f"## BPF cost per sample ({frequency} Hz, {seconds:.0f} s per row)\n")
+def report_costs(frequency: int, seconds: float, rounds: int) -> None:
+    print(
+        f"## BPF cost per sample ({frequency} Hz, {seconds:.0f} s per run, "
+        f"{rounds} alternating runs per mode: median [min, max])\n"
+    )
     print("| workload | mode | samples | mean user frames | table / fp steps | ns per sample |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp, bpf_stats():
         workloads = build_workloads(Path(tmp), seconds)
-        for mode in ("fp", "dwarf"):
-            rejected = filtered_out_cost(mode, frequency, min(seconds, 3.0))
-            for name, argv in workloads.items():
-                r = sample_cost(mode, frequency, seconds, argv, rejected)
-                print(
-                    f"| {name} | {mode} | {r['samples']:.0f} | {r['mean_depth']:.1f} | "
-                    f"{r['table_frames']:.0f} / {r['fp_frames']:.0f} | "
-                    f"{r['ns_per_sample']:.0f} |",
-                    flush=True,
-                )
-            print(f"| (ticks of other processes, filtered out) | {mode} | | | | {rejected:.0f} |")
+        rejected = {mode: filtered_out_cost(mode, frequency, 3.0) for mode in MODES}
+        for name, argv in workloads.items():
+            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+            for _ in range(rounds):
+                for mode in MODES:
+                    runs[mode].append(sample_cost(mode, frequency, seconds, argv, rejected[mode]))
+            for mode in MODES:
+                print_cost_row(name, mode, runs[mode])
+        for mode in MODES:
+            print(f"| (ticks of other pids, filtered out) | {mode} | | | | {rejected[mode]:.0f} |")
+
+
+def print_cost_row(name: str, mode: str, runs: list[dict[str, float]]) -> None:
+    costs = sorted(r["ns_per_sample"] for r in runs)
+    samples = sum(r["samples"] for r in runs)
+    depth = sum(r["mean_depth"] * r["samples"] for r in runs) / samples if samples else 0.0
+    steps = f"{sum(r['table_frames'] for r in runs):.0f} / {sum(r['fp_frames'] for r in runs):.0f}"
+    cost = f"{statistics.median(costs):.0f} [{costs[0]:.0f}, {costs[-1]:.0f}]"
+    print(f"| {name} | {mode} | {samples:.0f} | {depth:.1f} | {steps} | {cost} |", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--frequency", type=int, default=999)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (BPF)")
@@ -276,7 +290,7 @@ def main() -> int:
     rss_grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     report_machine(built, load_machine(args.frequency, built.processes))
     print(f"(building them all grew the benchmark's peak RSS by {rss_grew:.0f} MiB)\n")
-    report_costs(args.frequency, args.seconds)
+    report_costs(args.frequency, args.seconds, args.rounds)
     return 0
 
 

@@ -135,8 +135,10 @@ int on_cpu_clock(struct bpf_perf_event_data *ctx) {
     if (filter != 0 && pid != filter)
         return 0;
 
+    // Look up before inserting: an LRU insert takes a free node (and its lock) even
+    // when the key exists, on every tick.
     u8 one = 1;
-    if (seen.insert(&pid, &one) == 0)
+    if (!seen.lookup(&pid) && seen.insert(&pid, &one) == 0)
         emit_pid_event(pid, EVENT_FIRST_SAMPLE);
 
     struct sample_key key = {};

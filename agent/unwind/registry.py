@@ -36,6 +36,8 @@ from agent.unwind.table import UnwindTableError, read_unwind_table
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_FAILURES = 4096
+MAX_REMEMBERED_KEYS = 4096
+_BINARY_KEYS: dict[str, str] = {}  # file identity (dev:inode:mtime:size) -> sharing key
 
 
 class UnwindMaps(Protocol):
@@ -267,7 +269,12 @@ def resolve_binary(pid: int, mapping: Mapping, proc: Path = PROC) -> BinarySourc
     opened = open_mapped_file(pid, mapping, proc)
     if opened is None:
         return None
-    build_id = read_build_id(opened.path)
-    key = f"buildid:{build_id}" if build_id else opened.file_key
+    key = _BINARY_KEYS.get(opened.file_key)
+    if key is None:  # every process maps the same few libraries: read each build id once
+        build_id = read_build_id(opened.path)
+        key = f"buildid:{build_id}" if build_id else opened.file_key
+        if len(_BINARY_KEYS) >= MAX_REMEMBERED_KEYS:
+            _BINARY_KEYS.clear()
+        _BINARY_KEYS[opened.file_key] = key
     path = opened.path
     return BinarySource(key, lambda: open(path, "rb"))
