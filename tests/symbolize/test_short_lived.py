@@ -71,10 +71,11 @@ def test_short_lived_processes_are_fully_symbolized(
         if sample.pid in pids:
             ours[sample.pid].append(sample)
     assert set(ours) == set(pids), f"samples for {len(ours)} of {RUNS} processes"
+    in_binary = total = 0
     for pid, samples in ours.items():
         process = processes.get(pid)
         assert process is not None, f"{pid} was never captured"
-        named_in_binary = total = 0
+        functions_seen: set[str] = set()
         for sample in samples:
             locations = symbolizer.symbolize(process, sample.user_stack, sample.kernel_stack)
             for location in locations:
@@ -82,8 +83,10 @@ def test_short_lived_processes_are_fully_symbolized(
                     assert location.frames, f"unnamed frame {location.address:#x} in {pid}"
                     assert location.frames[0].function in BINARY_FUNCTIONS
             functions = {f.function for loc in locations for f in loc.frames}
-            named_in_binary += sample.count * bool(functions & BINARY_FUNCTIONS)
+            functions_seen |= functions
+            in_binary += sample.count * bool(functions & BINARY_FUNCTIONS)
             total += sample.count
-        # Nearly all of the time is spent under main (a few samples may land in ld.so).
-        assert named_in_binary >= 0.9 * total, f"{pid}: {named_in_binary} of {total}"
+        assert "inner_spin" in functions_seen, f"{pid}: {sorted(functions_seen)}"
+    # Nearly all the time is spent under main; a few samples land in ld.so, exec or exit.
+    assert in_binary >= 0.8 * total, f"{in_binary} of {total} samples under main"
     symbolizer.close()
