@@ -87,6 +87,7 @@ class Pipeline:
         self.sampler.close()
         if self.indexer is not None:
             self.indexer.stop()
+        self.symbolizer.close()
         if self.pod_watcher is not None:
             self.pod_watcher.close()
 

@@ -101,14 +101,14 @@ class Dictionary:
         return index
 
     def function(self, frame: Frame) -> int:
-        key = (frame.function, frame.file, frame.start_line)
+        key = (frame.function, frame.system_name, frame.file, frame.start_line)
         index = self._functions.get(key)
         if index is None:
             index = self._functions[key] = len(self.message.function_table)
             name = self.string(frame.function)
             entry = prof.Function(
                 name_strindex=name,
-                system_name_strindex=name,
+                system_name_strindex=self.string(frame.system_name) if frame.system_name else name,
                 filename_strindex=self.string(frame.file),
                 start_line=frame.start_line,
             )
