@@ -40,7 +40,10 @@ enum lost_reason {
     LOST_REASONS,
 };
 
-enum pid_event_kind { EVENT_FIRST_SAMPLE, EVENT_EXEC };
+// EVENT_UNKNOWN_MAPPING: the table walker met an address of the process that no
+// table covers (code mapped since its tables were made, e.g. dlopen): user space
+// re-reads its mappings. At most once per REFRESH_NS per process.
+enum pid_event_kind { EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING };
 
 struct sample_key {
     u32 slot;
@@ -203,6 +206,8 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 #define SEARCH_STEPS 24         // binary search over up to 2^24 rows of one binary
 #define HASH_SEED 0xcbf29ce484222325ULL
 #define HASH_MULTIPLIER 0x9e3779b97f4a7c15ULL
+#define REFRESH_NS 5000000000ULL
+#define USER_SPACE_END 0x800000000000ULL
 
 // Keep in step with agent/unwind/table.py.
 enum cfa_kind {
@@ -257,6 +262,8 @@ struct unwind_state {
     u64 hash;
     u32 tid;
     u32 calls;
+    u32 unknown_noted;  // an EVENT_UNKNOWN_MAPPING was considered for this sample
+    u32 pad;
     struct sample_key key;
     struct user_stack stack;
 };
@@ -272,11 +279,25 @@ BPF_F_TABLE("hash", u64, struct user_stack, user_stacks1, STACK_ENTRIES, BPF_F_N
 BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
 BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
 BPF_PROG_ARRAY(unwind_programs, 1);
+BPF_TABLE("lru_hash", u32, u64, unwind_refresh, 4096);  // pid -> last unknown-mapping event
 
 static __always_inline void count_stat(u32 stat) {
     u64 *n = unwind_stats.lookup(&stat);
     if (n)
         (*n)++;
+}
+
+static __always_inline void note_unknown_mapping(struct unwind_state *st, u64 pc) {
+    if (st->unknown_noted || pc >= USER_SPACE_END)
+        return;
+    st->unknown_noted = 1;
+    u32 pid = st->key.pid;
+    u64 now = bpf_ktime_get_ns();
+    u64 *last = unwind_refresh.lookup(&pid);
+    if (last && now - *last < REFRESH_NS)
+        return;
+    unwind_refresh.update(&pid, &now);
+    emit_pid_event(pid, EVENT_UNKNOWN_MAPPING);
 }
 
 static __always_inline int user_registers(struct bpf_perf_event_data *ctx,
@@ -312,6 +333,7 @@ static __always_inline int start_table_unwind(struct bpf_perf_event_data *ctx,
     st->tid = tid;
     st->hash = HASH_SEED;
     st->calls = 0;
+    st->unknown_noted = 0;
     st->stack.len = 0;
     unwind_programs.call(ctx, 0);
     count_stat(STAT_TAIL_CALL_FAILED);
@@ -421,6 +443,8 @@ static __always_inline int unwind_frame(struct unwind_state *st) {
             if (result != STEP_TRY_FP)
                 return result;
         }
+    } else {
+        note_unknown_mapping(st, pc);
     }
     return frame_pointer_step(st);
 }

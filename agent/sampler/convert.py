@@ -37,6 +37,7 @@ UNWIND_STATS = (
 
 EVENT_FIRST_SAMPLE = 0
 EVENT_EXEC = 1
+EVENT_UNKNOWN_MAPPING = 2  # the table walker met unmapped code: re-read the process's maps
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class PidEvent:
     """A process the sampler saw for the first time, or that called exec."""
 
     pid: int
-    kind: int  # EVENT_FIRST_SAMPLE or EVENT_EXEC
+    kind: int  # EVENT_FIRST_SAMPLE, EVENT_EXEC or EVENT_UNKNOWN_MAPPING
 
 
 def decode_comm(raw: bytes) -> str:
@@ -129,6 +130,11 @@ def lost_deltas(previous: Sequence[int], current: Sequence[int]) -> dict[str, in
 
 
 def new_pids(events: Iterable[PidEvent]) -> list[int]:
+    """Distinct pids first sampled or exec'd, in the order they first appear."""
+    return distinct_pids(e for e in events if e.kind in (EVENT_FIRST_SAMPLE, EVENT_EXEC))
+
+
+def distinct_pids(events: Iterable[PidEvent]) -> list[int]:
     """Distinct pids of `events`, in the order they first appear."""
     return list(dict.fromkeys(event.pid for event in events))
 

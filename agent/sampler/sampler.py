@@ -16,8 +16,9 @@ User stacks (`unwinder`):
     dwarf  tables from .eh_frame/.debug_frame walked in BPF, frame-pointer steps where
            no table covers an address; refuses to start if the kernel rejects the walker.
     auto   dwarf when the kernel accepts the walker, else fp (with a warning).
-With tables, hand each new process to `prepare_unwind` (non-blocking): a worker thread
-builds and loads its binaries' tables; until then its stacks use frame pointers.
+With tables, the pids that poll_new_pids sees (first sample, exec, and code the walker
+found no table for) go to a worker thread that reads their mappings and builds and
+loads their binaries' tables; until then their stacks use frame pointers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent.sampler.convert import (
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
     UNWIND_STATS,
+    distinct_pids,
     entries_of_slot,
     fill_ratio,
     lost_deltas,
@@ -143,9 +145,10 @@ class Sampler:
         return self._unwind_worker.tables if self._unwind_worker else None
 
     def prepare_unwind(self, process: ProcessInfo) -> None:
-        """Queue a new process for its unwind tables; never blocks; no-op without tables."""
+        """Queue a process for its unwind tables (poll_new_pids already does this for
+        the pids it reports); never blocks; no-op without tables."""
         if self._unwind_worker is not None:
-            self._unwind_worker.submit(process)
+            self._unwind_worker.submit_pid(process.pid)
 
     def wait_unwind_ready(self, timeout: float) -> bool:
         """Wait until every queued process has its tables (one-shot use and tests)."""
@@ -170,7 +173,11 @@ class Sampler:
         """
         if self._program is None:
             return []
-        return new_pids(self._program.poll_pid_events(timeout_ms))
+        events = self._program.poll_pid_events(timeout_ms)
+        if self._unwind_worker is not None:  # tables for new code, read from /proc there
+            for pid in distinct_pids(events):
+                self._unwind_worker.submit_pid(pid)
+        return new_pids(events)
 
     def drain(self) -> Window:
         """Everything sampled since the last drain (or start), as one Window."""

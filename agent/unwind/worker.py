@@ -1,9 +1,10 @@
 """The thread that builds unwind tables beside the sampling loop.
 
-Building a table takes up to seconds for a large binary (pyelftools parses the CFI in
-Python), so new processes are queued here and never block a drain. Between
-processes, and at least every `sweep_seconds`, exited processes are forgotten so their
-tables' rows are freed.
+Building a table takes up to seconds for a large binary, so pids are queued here and
+never block a drain. The worker reads a queued pid's mappings itself when it gets to
+it, so an exec or a dlopen since the pid was queued is seen. Between pids, and at
+least every `sweep_seconds`, exited processes are forgotten so their tables' rows are
+freed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from agent.model import ProcessInfo
+from agent.process.reader import PROC, read_process
 from agent.unwind.registry import UnwindTables
 
 log = logging.getLogger(__name__)
@@ -22,58 +26,68 @@ log = logging.getLogger(__name__)
 
 class UnwindWorker:
     def __init__(
-        self, tables: UnwindTables, sweep_seconds: float = 2.0, max_queue: int = 4096
+        self,
+        tables: UnwindTables,
+        sweep_seconds: float = 2.0,
+        max_queue: int = 4096,
+        read: Callable[[int], ProcessInfo | None] | None = None,
+        proc: Path = PROC,
     ) -> None:
         self.tables = tables
         self._sweep_seconds = sweep_seconds
-        self._queue: queue.Queue[ProcessInfo | None] = queue.Queue(max_queue)
+        self._read = read or (lambda pid: read_process(pid, proc))
+        self._queue: queue.Queue[int | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="unwind-tables", daemon=True)
         self._stopped = threading.Event()
-        self._pending = 0  # submitted and not yet prepared
-        self._pending_changed = threading.Condition()
-        self.dropped = 0  # processes not queued because the queue was full
+        self._queued: set[int] = set()  # pids in the queue: each is prepared once per turn
+        self._changed = threading.Condition()
+        self.dropped = 0  # pids not queued because the queue was full
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, process: ProcessInfo) -> None:
-        """Queue a process whose tables should be prepared; never blocks."""
-        with self._pending_changed:
+    def submit_pid(self, pid: int) -> None:
+        """Queue a pid whose tables should be (re)prepared; never blocks."""
+        with self._changed:
+            if pid in self._queued:
+                return
             try:
-                self._queue.put_nowait(process)
+                self._queue.put_nowait(pid)
             except queue.Full:
                 self.dropped += 1
                 return
-            self._pending += 1
+            self._queued.add(pid)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every submitted process was prepared (for tests and one-shot use)."""
-        with self._pending_changed:
-            return self._pending_changed.wait_for(lambda: self._pending == 0, timeout)
+        """Wait until every queued pid was prepared (for tests and one-shot use)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queued, timeout)
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self._sweep_seconds
         while not self._stopped.is_set():
             try:
-                process = self._queue.get(timeout=max(0.0, next_sweep - time.monotonic()))
+                pid = self._queue.get(timeout=max(0.0, next_sweep - time.monotonic()))
             except queue.Empty:
-                process = None
+                pid = None
             if self._stopped.is_set():
                 return
-            if process is not None:
-                self._prepare(process)
-                with self._pending_changed:
-                    self._pending -= 1
-                    self._pending_changed.notify_all()
+            if pid is not None:
+                self._prepare(pid)
+                with self._changed:
+                    self._queued.discard(pid)
+                    self._changed.notify_all()
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 next_sweep = time.monotonic() + self._sweep_seconds
 
-    def _prepare(self, process: ProcessInfo) -> None:
+    def _prepare(self, pid: int) -> None:
         try:
-            self.tables.prepare(process)
+            process = self._read(pid)
+            if process is not None:  # else it exited: nothing left to unwind
+                self.tables.prepare(process)
         except Exception:  # one bad process must not stop the others
-            log.exception("unwind tables for pid %d failed", process.pid)
+            log.exception("unwind tables for pid %d failed", pid)
 
     def _sweep(self) -> None:
         try:

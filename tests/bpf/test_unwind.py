@@ -21,6 +21,7 @@ from agent.process.reader import read_process
 from agent.sampler import Sampler
 from agent.sampler.convert import UNWIND_STATS
 from agent.symbolize.symbolizer import Symbolizer
+from agent.unwind.registry import resolve_binary
 from tests.conftest import REPO, require_tool
 
 FREQUENCY = 99
@@ -82,6 +83,21 @@ def deep_nofp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     flags = ["-O2", "-fomit-frame-pointer", "-fasynchronous-unwind-tables"]
     subprocess.run([require_tool("gcc"), *flags, "-o", str(out), str(source)], check=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def dlopen_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """dlopen_main, and the no-frame-pointer library it loads when told to."""
+    out = tmp_path_factory.mktemp("unwind_dlopen")
+    data, gcc = REPO / "tests" / "data" / "c", require_tool("gcc")
+    flags = ["-O2", "-fomit-frame-pointer"]
+    library, main = out / "libdeep_nofp.so", out / "dlopen_main"
+    subprocess.run(
+        [gcc, *flags, "-shared", "-fPIC", "-o", str(library), str(data / "libdeep_nofp.c")],
+        check=True,
+    )
+    subprocess.run([gcc, *flags, "-o", str(main), str(data / "dlopen_main.c"), "-ldl"], check=True)
+    return main, library
 
 
 @pytest.fixture
@@ -239,6 +255,50 @@ def test_prepare_unwind_queues_for_the_worker(
     samples = samples_of(dwarf, info.pid, enough=60)
     ratio, total = reach_ratio(samples, info, {"main"})
     assert total >= 50 and ratio >= 0.8, (ratio, total)  # the first ticks may precede tables
+
+
+def test_code_loaded_later_gets_its_table_from_an_unknown_mapping_event(
+    dwarf: Sampler, dlopen_pair: tuple[Path, Path], processes: list[subprocess.Popen[bytes]]
+) -> None:
+    main, library = dlopen_pair
+    proc = subprocess.Popen([str(main), str(library), "60"], stdin=subprocess.PIPE)
+    processes.append(proc)
+    info = None
+    deadline = time.monotonic() + 10
+    while info is None or not any("libc.so" in m.path for m in info.mappings):
+        assert time.monotonic() < deadline, "dlopen_main did not start"
+        info = read_process(proc.pid)
+    # Handle pending pid events (this exec among them) first, so that only the
+    # walker's unknown-mapping event can bring the library's table.
+    dwarf.poll_new_pids()
+    assert dwarf.wait_unwind_ready(timeout=120)
+    tables = dwarf.unwind_tables
+    assert tables is not None and tables.prepare(info) >= 2  # before the library is loaded
+    dwarf.drain()
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+
+    time.sleep(1.0)
+    loaded = read_process(proc.pid)
+    assert loaded is not None
+    before = [s for s in dwarf.drain().samples if s.pid == proc.pid]
+    assert reach_ratio(before, loaded, {"main"})[0] < 0.5  # no table for the library yet
+
+    deadline = time.monotonic() + 60
+    reached: list[float] = []
+    while time.monotonic() < deadline and (not reached or reached[-1] < 0.9):
+        dwarf.poll_new_pids(timeout_ms=200)  # hands the unknown-mapping event to the worker
+        dwarf.wait_unwind_ready(timeout=60)
+        samples = [s for s in dwarf.drain().samples if s.pid == proc.pid]
+        if samples:
+            reached.append(reach_ratio(samples, loaded, {"main"})[0])
+    assert reached and reached[-1] >= 0.9, reached
+    mapping = next(m for m in loaded.mappings if m.path == str(library))
+    source = resolve_binary(proc.pid, mapping)
+    assert source is not None and proc.pid in tables.table_users(source.key)
+    names = function_names(Symbolizer(), loaded, max(samples, key=lambda s: s.count).user_stack)
+    assert names[:5] == ["lib_spin", "lib_middle", "lib_entry", "run", "main"], names
 
 
 def test_bad_unwinder_arguments_are_refused() -> None:

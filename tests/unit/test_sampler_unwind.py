@@ -7,7 +7,18 @@ from typing import Any
 import pytest
 
 from agent.sampler import sampler as sampler_module
-from agent.sampler.convert import UNWIND_STATS, RawCount, swap_bytes, to_stack_samples
+from agent.sampler.convert import (
+    EVENT_EXEC,
+    EVENT_FIRST_SAMPLE,
+    EVENT_UNKNOWN_MAPPING,
+    UNWIND_STATS,
+    PidEvent,
+    RawCount,
+    distinct_pids,
+    new_pids,
+    swap_bytes,
+    to_stack_samples,
+)
 from agent.sampler.loader import bpf_source_path
 from agent.sampler.sampler import Sampler
 from agent.unwind.table import CfaKind
@@ -17,8 +28,8 @@ COMM = b"app\0" + b"\0" * 12
 
 def enum_names(enum: str) -> list[str]:
     body = bpf_source_path().read_text().split(f"enum {enum} {{", 1)[1].split("};", 1)[0]
-    lines = [line.split("//")[0].strip().rstrip(",") for line in body.splitlines()]
-    return [line for line in lines if line]
+    code = " ".join(line.split("//")[0] for line in body.splitlines())
+    return [name.strip() for name in code.split(",") if name.strip()]
 
 
 def test_unwind_stats_match_the_bpf_enum() -> None:
@@ -36,6 +47,24 @@ def test_unwind_stats_match_the_bpf_enum() -> None:
         "tail_call_failed",
     ]
     assert UNWIND_STATS[1] == "frame_pointer_frames" and UNWIND_STATS[5] == "no_user_registers"
+
+
+def test_pid_event_kinds_match_the_bpf_enum() -> None:
+    names = enum_names("pid_event_kind")
+    kinds = [EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING]
+    assert names == ["EVENT_FIRST_SAMPLE", "EVENT_EXEC", "EVENT_UNKNOWN_MAPPING"]
+    assert kinds == [0, 1, 2]
+
+
+def test_unknown_mapping_events_refresh_tables_but_are_not_new_processes() -> None:
+    events = [
+        PidEvent(4, EVENT_UNKNOWN_MAPPING),
+        PidEvent(5, EVENT_FIRST_SAMPLE),
+        PidEvent(4, EVENT_UNKNOWN_MAPPING),
+        PidEvent(6, EVENT_EXEC),
+    ]
+    assert new_pids(events) == [5, 6]
+    assert distinct_pids(events) == [4, 5, 6]
 
 
 def test_cfa_kinds_match_the_bpf_enum() -> None:

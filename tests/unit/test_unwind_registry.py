@@ -338,7 +338,7 @@ def test_worker_prepares_in_the_background_and_sweeps_exited_processes(
     worker = UnwindWorker(UnwindTables(maps), sweep_seconds=0.05)
     worker.start()
     try:
-        worker.submit(info)
+        worker.submit_pid(info.pid)
         assert worker.wait_idle(timeout=60)
         assert worker.tables.stats().processes == 1 and maps.routes
         stop(sleepers[0])
