@@ -202,7 +202,18 @@ class Sampler:
         window = Window(start_ns=self._window_start_ns, end_ns=end_ns, samples=samples, lost=lost)
         self._window_start_ns = end_ns
         _record_metrics(window, program, len(entries), len(stacks))
+        if program.table_unwinding:
+            self._record_unwind_fill(program, len(user_stacks))
         return window
+
+    def _record_unwind_fill(self, program: SamplerProgram, user_stacks: int) -> None:
+        fill = fill_ratio(user_stacks, program.stacks_capacity)
+        metrics.MAP_FILL.labels("user_stacks").set(fill)
+        tables = self.unwind_tables
+        if tables is not None:
+            stats = tables.stats()
+            rows = fill_ratio(stats.rows_used, stats.rows_capacity)
+            metrics.MAP_FILL.labels("unwind_rows").set(rows)
 
     def bpf_run_stats(self) -> dict[str, tuple[int, int]]:
         """Program -> (run_time_ns, run_cnt); counted only with kernel.bpf_stats_enabled=1."""
