@@ -59,6 +59,9 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+_AT_START: dict[str, Any] = {}  # load when the benchmark began (set by base_parser)
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -74,8 +77,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "mem_gib": round(mem_kib / 2**20, 1),
-        "loadavg_at_start": os.getloadavg(),
-        "processes_at_start": len(pids()),
+        **_AT_START,
     }
 
 
@@ -84,9 +86,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
+    _AT_START.update(loadavg_at_start=os.getloadavg(), processes_at_start=len(pids()))
     parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     parser.add_argument(
-        "--quick", action="store_true", help="short durations (what `make bench` runs)"
+        "--quick",
+        action="store_true",
+        help="short runs (what `make bench` runs); overrides the duration options",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     return parser

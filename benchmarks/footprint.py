@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--no-compare", action="store_true", help="Strobe only")
     args = parser.parse_args()
     if args.quick:
-        args.minutes, args.compare_seconds = 2.0, 30.0
+        args.minutes, args.compare_seconds = 1.5, 20.0
     require_root()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     with scratch("footprint") as workdir, Crowd() as crowd:

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions listed")
     args = parser.parse_args()
     if args.quick:
-        args.windows = 2
+        args.windows, args.window, args.processes = 2, 5.0, 100
     require_root()
     started = time.monotonic()
     with scratch("hotspots") as workdir, Crowd() as crowd:

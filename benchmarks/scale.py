@@ -19,6 +19,7 @@ unique stacks per window handled in < 10% of the window. Needs root.
 
 from __future__ import annotations
 
+import argparse
 import operator
 import resource
 import time
@@ -38,8 +39,6 @@ from _harness import (
     scratch,
     spread,
 )
-
-WARMUP_WINDOWS = 2
 
 
 def window_stats(agent: Agent, windows: int) -> list[dict[str, float]]:
@@ -70,14 +69,17 @@ def window_stats(agent: Agent, windows: int) -> list[dict[str, float]]:
 
 
 def scenario(
-    workdir: Path, argv: list[str], processes: int, hz: int, window_s: float, windows: int
+    workdir: Path, argv: list[str], processes: int, hz: int, args: argparse.Namespace
 ) -> dict[str, Any]:
+    window_s, windows = args.window, args.windows
     with Crowd() as crowd:
         crowd.spawn(argv, processes, nice=19)
         time.sleep(1.0)
         with Agent(workdir, frequency=hz, window=f"{window_s:g}s") as agent:
             agent.wait_ready()
-            agent.wait_metric("strobe_windows_total", lambda v: v >= WARMUP_WINDOWS, timeout=600)
+            agent.wait_metric(
+                "strobe_windows_total", partial(operator.le, args.warmup), timeout=600
+            )
             rows = window_stats(agent, windows)
             rss = agent.rss_kib()
     processing = [r["processing_s"] for r in rows]
@@ -107,34 +109,20 @@ def main() -> None:
     parser.add_argument("--low-frequency", type=int, default=99, help="Hz of the third run")
     parser.add_argument("--window", type=float, default=10.0, help="window seconds")
     parser.add_argument("--windows", type=int, default=4, help="measured windows per run")
+    parser.add_argument("--warmup", type=int, default=2, help="windows skipped first")
     args = parser.parse_args()
     if args.quick:
-        args.windows = 2
+        args.windows, args.warmup = 2, 1
     require_root()
     resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
     started = time.monotonic()
     with scratch("scale") as workdir:
         workload = str(build_workload(workdir))
+        stacks = [workload, "stacks", "0"]
         runs = [
-            scenario(
-                workdir, [workload, "flat", "0"], 2, args.frequency, args.window, args.windows
-            ),
-            scenario(
-                workdir,
-                [workload, "stacks", "0"],
-                args.processes,
-                args.frequency,
-                args.window,
-                args.windows,
-            ),
-            scenario(
-                workdir,
-                [workload, "stacks", "0"],
-                args.processes,
-                args.low_frequency,
-                args.window,
-                args.windows,
-            ),
+            scenario(workdir, [workload, "flat", "0"], 2, args.frequency, args),
+            scenario(workdir, stacks, args.processes, args.frequency, args),
+            scenario(workdir, stacks, args.processes, args.low_frequency, args),
         ]
         for run in runs:
             print(
