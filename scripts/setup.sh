@@ -14,6 +14,7 @@ APT_PACKAGES=(
   openssl                                                  # remote-sink TLS test CA
   systemd                                                  # systemd-analyze verify
   podman buildah runc debootstrap                          # container image test
+  linux-perf                                               # benchmarks: perf record next to ours
 )
 
 missing=()
