@@ -5,10 +5,11 @@
 1. Unwind tables for every process running on this machine: build time, rows, bytes,
    trie routes, and the largest binaries (tables built by agent.unwind, loaded into
    the real BPF maps by a dwarf-mode sampler).
-2. BPF cost per sample, fp vs dwarf, for workloads of known depth: kernel.bpf_stats
-   are enabled for the run (and restored), and run_time_ns / run_cnt of on_cpu_clock
-   are read from /proc/self/fdinfo. A tail-called walker's time is counted in
-   on_cpu_clock, the program the event entered. Each sampler filters on the workload's
+2. BPF cost per sample, fp vs dwarf, for workloads of known depth: run-time stats are
+   enabled for the run (BPF_ENABLE_STATS, the syscall form of kernel.bpf_stats_enabled),
+   and run_time_ns / run_cnt of on_cpu_clock are read from /proc/self/fdinfo. A
+   tail-called walker's time is counted in on_cpu_clock, the program the event
+   entered. Each sampler filters on the workload's
    pid; the ticks it filters out still run the program (a few dozen ns), so their cost
    is measured first with a filter that matches nothing and subtracted.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -38,7 +40,7 @@ from agent.unwind.registry import resolve_binary  # noqa: E402
 from agent.unwind.table import ROW_SIZE, UnwindTableError, read_unwind_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+SYS_BPF, BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 321, 32, 0  # x86_64
 MODES = ("fp", "dwarf")
 RECURSION_C = r"""
 #include <stdlib.h>
@@ -77,12 +79,19 @@ PYTHON_FIB = (
 
 @contextlib.contextmanager
 def bpf_stats() -> Iterator[None]:
-    old = STATS_SYSCTL.read_text().strip()
-    STATS_SYSCTL.write_text("1")
+    """Run-time stats on while the fd BPF_ENABLE_STATS returns is open.
+
+    Unlike writing the sysctl, this holds even if another tool turns the sysctl off.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.c_uint32(BPF_STATS_RUN_TIME)  # union bpf_attr { .enable_stats.type }
+    fd = libc.syscall(SYS_BPF, BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        raise SystemExit(f"BPF_ENABLE_STATS: {os.strerror(ctypes.get_errno())}")
     try:
         yield
     finally:
-        STATS_SYSCTL.write_text(old)
+        os.close(fd)
 
 
 def build_workloads(out: Path, seconds: float) -> dict[str, list[str]]:
