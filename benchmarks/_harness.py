@@ -405,6 +405,23 @@ class Agent:
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid)
 
+    def wait_settled(
+        self, share: float = 0.05, interval: float = 2.0, timeout: float = 90.0
+    ) -> float:
+        """Seconds from start until the agent used < `share` of a CPU over `interval`.
+
+        Start-up does not end with the first window: the background indexer then
+        indexes the binaries of every process sampled so far (on a busy host, for tens
+        of seconds). Gives up after `timeout` (returns the time anyway).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            before = self.cpu_seconds()
+            time.sleep(interval)
+            self._check_alive()
+            if self.cpu_seconds() - before < share * interval or time.monotonic() > deadline:
+                return time.monotonic() - self.started
+
     def rss_kib(self) -> int:
         return status_kib(self.pid, "VmRSS")
 

@@ -6,10 +6,12 @@ sampler sees the same ~2 x Hz samples a second).
 
 1. Strobe (`strobe run`, 10 s windows) runs for --minutes. CPU is utime+stime of the
    agent and all its threads, plus cutime+cstime (reaped children, e.g. the BPF compile
-   child) plus any live descendant, read from /proc/PID/stat. Steady-state CPU is
-   counted from the end of the first processed window (start-up compile and indexing
-   are reported apart). RSS (VmRSS) is sampled every 5 s; steady RSS is the median of
-   the last third of the run; peak is VmHWM. Descendants' peak RSS is tracked too.
+   child) plus any live descendant, read from /proc/PID/stat. Steady state starts
+   after the first processed window, once the agent uses < 5% of a CPU over 2 s (the
+   background indexer is done with what the first window sampled; at most 90 s):
+   start-up compile and indexing are reported apart. RSS (VmRSS) is sampled every
+   5 s; steady RSS is the median of the last third of the run; peak is VmHWM.
+   Descendants' peak RSS is tracked too.
 2. bcc's profile tool (`profile-bpfcc -F HZ -af SECONDS`) and `perf record -a -F HZ -g`
    each run --compare-seconds on the same host, one after the other: total CPU and
    peak RSS from wait4's rusage, and steady CPU from /proc between 40% and 90% of the
@@ -59,6 +61,7 @@ def run_strobe(workdir: Path, hz: int, seconds: float) -> dict[str, Any]:
     with Agent(workdir, frequency=hz, window="10s") as agent:
         ready = agent.wait_ready()
         first_window = agent.wait_metric("strobe_windows_total", lambda v: v >= 1)
+        settled = agent.wait_settled()
         warm_cpu, warm_at = agent.cpu_seconds(), time.monotonic()
         end = warm_at + seconds
         next_sample = warm_at
@@ -85,6 +88,7 @@ def run_strobe(workdir: Path, hz: int, seconds: float) -> dict[str, Any]:
     return {
         "ready_s": round(ready, 2),
         "first_window_s": round(first_window, 2),
+        "settled_s": round(settled, 2),
         "startup_cpu_s": warm_cpu,
         "steady_minutes": round(steady_minutes, 2),
         "steady_cpu_s_per_min": round((total_cpu - warm_cpu) / steady_minutes, 3),
