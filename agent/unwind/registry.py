@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -31,7 +31,7 @@ from agent.symbolize.binaries import VDSO, open_mapped_file, own_vdso
 from agent.symbolize.elf import ElfInfo, ElfReadError, LoadSegment, read_build_id
 from agent.unwind.allocator import RowAllocator
 from agent.unwind.mappings import MappingTarget, Prefix, address_prefixes, table_bias
-from agent.unwind.table import UnwindTableError, read_unwind_table
+from agent.unwind.table import UnwindTable, UnwindTableError, read_unwind_table
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +114,21 @@ class UnwindTables:
         Replaces what was routed for this pid before (an exec, or a pid reused by a new
         process). Returns how many mappings now have a table. The agent's own process
         gets none: its stacks use frame pointers, and bcc's LLVM alone (1.7M rows) would
-        take most of the rows budget.
+        take most of the rows budget. Tables are parsed outside the lock, so stats()
+        and other processes' routes never wait for a large binary.
         """
         if process.pid == self._own_pid:
             return 0
+        sources = [(m, s) for m in process.mappings if (s := self._resolve(process.pid, m))]
+        parsed = self._parse_missing(source for _, source in sources)
         with self._lock:
             old = self._processes.get(process.pid)
             if old is not None and old.start_time != process.start_time:
                 self._forget(process.pid)
                 old = None
             routes: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]] = {}
-            for mapping in process.mappings:
-                route = self._route(process.pid, mapping)
+            for mapping, source in sources:
+                route = self._route(process.pid, mapping, source.key, parsed)
                 if route is not None:
                     routes[(mapping.start, mapping.end)] = route
             self._replace_routes(process.pid, old, routes)
@@ -172,11 +175,31 @@ class UnwindTables:
         except (OSError, ValueError):
             return False
 
-    def _route(self, pid: int, mapping: Mapping) -> tuple[str, tuple[Prefix, ...]] | None:
-        source = self._resolve(pid, mapping)
-        if source is None:
-            return None
-        table = self._tables.get(source.key) or self._load(source)
+    def _parse_missing(self, sources: Iterable[BinarySource]) -> dict[str, UnwindTable | None]:
+        """Tables of the binaries not loaded yet (None: the file has none). No lock held."""
+        parsed: dict[str, UnwindTable | None] = {}
+        for source in sources:
+            if source.key in parsed or not self._worth_parsing(source.key):
+                continue
+            try:
+                with source.open() as stream:
+                    parsed[source.key] = read_unwind_table(stream)
+            except (OSError, UnwindTableError) as exc:
+                log.debug("no unwind table for %s: %s", source.key, exc)
+                parsed[source.key] = None
+        return parsed
+
+    def _worth_parsing(self, key: str) -> bool:
+        with self._lock:
+            if key in self._tables:
+                return False
+            needed = self._failed.get(key)
+            return needed is None or 0 < needed <= self._allocator.largest_free
+
+    def _route(
+        self, pid: int, mapping: Mapping, key: str, parsed: dict[str, UnwindTable | None]
+    ) -> tuple[str, tuple[Prefix, ...]] | None:
+        table = self._tables.get(key) or self._install(key, parsed)
         if table is None:
             return None
         bias = table_bias(mapping, table.loads, table.base)
@@ -190,29 +213,25 @@ class UnwindTables:
             log.warning("unwind mappings for pid %d not added: %s", pid, exc)
             return None
         table.users.add(pid)
-        return source.key, prefixes
+        return key, prefixes
 
-    def _load(self, source: BinarySource) -> _LoadedTable | None:
-        """Build the binary's table and write it into free rows; None when impossible."""
-        needed = self._failed.get(source.key)
-        if needed is not None and (needed == 0 or needed > self._allocator.largest_free):
-            return None
-        try:
-            with source.open() as stream:
-                table = read_unwind_table(stream)
-        except (OSError, UnwindTableError) as exc:
-            log.debug("no unwind table for %s: %s", source.key, exc)
-            self._remember_failure(source.key, 0)
+    def _install(self, key: str, parsed: dict[str, UnwindTable | None]) -> _LoadedTable | None:
+        """Write a parsed table into free rows; None when there is none or no room."""
+        if key not in parsed:
+            return None  # refused before, and still no room
+        table = parsed.pop(key)  # one install per prepare, whatever maps it twice
+        if table is None:
+            self._remember_failure(key, 0)
             return None
         first_row = self._allocator.allocate(len(table))
         if first_row is None:
-            log.warning("unwind rows full: %s needs %d rows", source.key, len(table))
-            self._remember_failure(source.key, len(table))
+            log.warning("unwind rows full: %s needs %d rows", key, len(table))
+            self._remember_failure(key, len(table))
             return None
-        self._failed.pop(source.key, None)
+        self._failed.pop(key, None)
         self._maps.write_unwind_rows(first_row, table.packed)
         loaded = _LoadedTable(first_row, len(table), table.base, table.loads)
-        self._tables[source.key] = loaded
+        self._tables[key] = loaded
         return loaded
 
     def _remember_failure(self, key: str, rows_needed: int) -> None:
