@@ -236,20 +236,45 @@ class Crowd:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, argv: Sequence[str], count: int, nice: int = 0, cpu: int | None = None) -> None:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        count: int,
+        nice: int = 0,
+        cpu: int | None = None,
+        idle: bool = False,
+    ) -> None:
+        """`idle`: SCHED_IDLE (weight 3, vs 15 at nice 19): a crowd of 1,000 busy
+        processes then still leaves the agent and this script most of a CPU."""
         prefix = ["taskset", "-c", str(cpu)] if cpu is not None else []
         prefix += ["nice", "-n", str(nice)] if nice else []
+        prefix += ["chrt", "--idle", "0"] if idle else []
         for _ in range(count):
             self.procs.append(
                 subprocess.Popen(
-                    [*prefix, *argv], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+                    [*prefix, *argv],
+                    stdout=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
             )
+
+    def fork(self, argv: Sequence[str], count: int, idle: bool = False) -> None:
+        """`count` copies of a workload that forks itself (`workload MODE SECONDS N`)."""
+        prefix = ["chrt", "--idle", "0"] if idle else []
+        self.procs.append(
+            subprocess.Popen(
+                [*prefix, *argv, str(count)],
+                stdout=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # stop() kills the whole group
+            )
+        )
 
     def stop(self) -> None:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # each is its own group leader
         for proc in self.procs:
             proc.wait()
         self.procs.clear()

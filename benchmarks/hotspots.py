@@ -2,7 +2,7 @@
 
 Builds the real pipeline (agent.pipeline.build_pipeline) and runs the daemon's window
 loop (agent.daemon.WindowLoop, local store sink) in this process over a crowd of
-random-walk processes (`workload stacks`, nice 19), under cProfile, in two phases:
+random-walk processes (`workload stacks`, SCHED_IDLE), under cProfile, in two phases:
 - start-up: sampler start (BPF compile, attach), the first window, and indexing
   every binary that window asked for;
 - steady: the next --windows windows, each followed by indexing what it asked for.
@@ -93,7 +93,7 @@ def main() -> None:
     require_root()
     started = time.monotonic()
     with scratch("hotspots") as workdir, Crowd() as crowd:
-        crowd.spawn([str(build_workload(workdir)), "stacks", "0"], args.processes, nice=19)
+        crowd.fork([str(build_workload(workdir)), "stacks", "0"], args.processes, idle=True)
         phases = profile_windows(workdir, args.frequency, args.window, args.windows)
     result: dict[str, Any] = {"settings": vars(args)}
     for name, stats in zip(("startup", "steady"), phases, strict=True):

@@ -1,7 +1,7 @@
 """Run every benchmark in benchmarks/ with quick defaults (what `make bench` does).
 
 Each benchmark is a script of its own (benchmarks/*.py but this one and the "_"
-helpers), runnable alone with --help. A script whose --help offers --quick and --json
+helpers), runnable alone with --help. A script whose --help offers --quick and --json FILE
 gets them, so the whole run stays short (about 10-15 minutes on 2 CPUs) and every
 result lands as JSON in --results; other scripts run with no arguments. One failing
 benchmark does not stop the others; the exit status says whether all passed.
@@ -33,14 +33,14 @@ def benchmarks(only: list[str]) -> list[Path]:
 
 
 def arguments_for(script: Path, results: Path) -> list[str]:
-    """--quick and --json when the script's --help offers them."""
+    """--quick and --json FILE when the script's --help offers them (as flags of ours)."""
     help_text = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
     ).stdout
     argv = []
     if "--quick" in help_text:
         argv.append("--quick")
-    if "--json" in help_text:
+    if "--json FILE" in help_text:  # not another script's bare --json switch
         argv += ["--json", str(results / f"{script.stem}.json")]
     return argv
 

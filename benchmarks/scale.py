@@ -6,8 +6,9 @@ then measure --windows windows):
 - random: --processes processes (default 1,000) walking a random call tree
           (`workload stacks`): nearly every sample is a stack of its own;
 - random at a lower frequency: the same host with fewer samples and stacks.
-All workload processes run at nice 19 (they still saturate the CPUs, but the
-machine's other users keep their share).
+All workload processes run under SCHED_IDLE (`chrt --idle 0`): they still saturate
+the CPUs, but the agent, this script and the machine's other users keep their share
+(at nice 19, 1,000 busy processes outweigh a nice-0 process 15:1 and starve it).
 
 Per window: strobe_window_processing_seconds (resolve + symbolize + label + pprof,
 from the histogram's sum/count), strobe_window_unique_stacks and strobe_samples_total
@@ -72,16 +73,33 @@ def scenario(
     workdir: Path, argv: list[str], processes: int, hz: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     window_s, windows = args.window, args.windows
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        phases[name] = round(time.monotonic() - mark, 1)
+        mark = time.monotonic()
+
     with Crowd() as crowd:
-        crowd.spawn(argv, processes, nice=19)
+        crowd.fork(argv, processes, idle=True)
         time.sleep(1.0)
-        with Agent(workdir, frequency=hz, window=f"{window_s:g}s") as agent:
+        phase("spawn_s")
+        agent = Agent(workdir, frequency=hz, window=f"{window_s:g}s").start()
+        try:
             agent.wait_ready()
+            phase("ready_s")
             agent.wait_metric(
                 "strobe_windows_total", partial(operator.le, args.warmup), timeout=600
             )
+            phase("warmup_s")
             rows = window_stats(agent, windows)
             rss = agent.rss_kib()
+            phase("measure_s")
+        finally:
+            agent.stop()
+        phase("agent_stop_s")
+    phase("crowd_stop_s")
     processing = [r["processing_s"] for r in rows]
     stacks = [r["unique_stacks"] for r in rows]
     return {
@@ -98,6 +116,7 @@ def scenario(
         "agent_cpu_share_of_window": round(max(r["agent_cpu_s"] for r in rows) / window_s, 4),
         "ms_per_1000_unique_stacks": round(1000 * 1000 * sum(processing) / max(sum(stacks), 1), 2),
         "rss_mib": mib(rss),
+        "phases": phases,
         "windows": rows,
     }
 
@@ -110,6 +129,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=10.0, help="window seconds")
     parser.add_argument("--windows", type=int, default=4, help="measured windows per run")
     parser.add_argument("--warmup", type=int, default=2, help="windows skipped first")
+    parser.add_argument(
+        "--scenarios", default="flat,random,random-low", help="which runs, comma-separated"
+    )
     args = parser.parse_args()
     if args.quick:
         args.windows, args.warmup = 2, 1
@@ -119,11 +141,12 @@ def main() -> None:
     with scratch("scale") as workdir:
         workload = str(build_workload(workdir))
         stacks = [workload, "stacks", "0"]
-        runs = [
-            scenario(workdir, [workload, "flat", "0"], 2, args.frequency, args),
-            scenario(workdir, stacks, args.processes, args.frequency, args),
-            scenario(workdir, stacks, args.processes, args.low_frequency, args),
-        ]
+        plans = {
+            "flat": ([workload, "flat", "0"], 2, args.frequency),
+            "random": (stacks, args.processes, args.frequency),
+            "random-low": (stacks, args.processes, args.low_frequency),
+        }
+        runs = [scenario(workdir, *plans[name], args) for name in args.scenarios.split(",")]
         for run in runs:
             print(
                 f"{run['workload']} x{run['processes']} @ {run['frequency_hz']} Hz: "
