@@ -105,7 +105,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.pairs, args.seconds, args.window = 5, 5.0, "4s"
+        args.pairs, args.seconds, args.window = 5, 4.0, "2s"
     require_root()
     cpu = None if args.cpu < 0 else args.cpu
     started = time.monotonic()
