@@ -124,7 +124,7 @@ def test_spinning_process_is_sampled_with_its_call_chain(
     samples = of_pid(window, proc.pid)
     total = sum(s.count for s in samples)
     expected = FREQUENCY * cpu_seconds
-    assert cpu_seconds > 1.5, "the workload did not get the CPU"
+    assert cpu_seconds > 0.75, "the workload did not get the CPU"
     assert 0.5 * expected < total <= 1.2 * expected + 5, (total, expected)
     assert {s.comm for s in samples} == {"spin_pie"}
     assert all(s.tid == proc.pid for s in samples)

@@ -79,7 +79,7 @@ class Dictionary:
         )
         self._strings: dict[str, int] = {"": 0}
         self._attributes: dict[tuple[str, AttrValue], int] = {}
-        self._functions: dict[tuple[str, str, int], int] = {}
+        self._functions: dict[tuple[str, str, str, int], int] = {}
         self._mappings: dict[tuple[Mapping, str], int] = {}
         self._locations: dict[Location, int] = {}
         self._by_identity: dict[int, int] = {}
