@@ -6,7 +6,8 @@ file itself, then execs the command (same pid throughout, so signals reach it):
 
   outer stage (root):  a private mount namespace; ProtectSystem=strict (every mount but
                        /dev, /proc, /sys remounted read-only); PrivateTmp=yes (a fresh
-                       tmpfs on /tmp; the work dir is bound back in at /tmp/work);
+                       tmpfs on /tmp; the work dir is bound back in at /tmp/work, and
+                       a checkout under /tmp at its own path, read-only);
                        then `setpriv` to an unprivileged user (DynamicUser=yes) keeping
                        only AmbientCapabilities/CapabilityBoundingSet, no_new_privs.
   inner stage:         the seccomp filter of SystemCallFilter= (an allow list expanded
@@ -32,6 +33,7 @@ SANDBOX_USER, SANDBOX_GROUP = "nobody", "nogroup"  # stand-ins for DynamicUser=
 PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 4, 7
+CHECKOUT = Path(__file__).resolve().parents[2]  # the agent's code and its .venv
 ADDRESS_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17}
 
 
@@ -175,6 +177,7 @@ def enter_mount_sandbox(directives: dict[str, list[str]], workdir: Path) -> None
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     work_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+    checkout_fd = os.open(CHECKOUT, os.O_PATH | os.O_DIRECTORY)
     if single(directives, "ProtectSystem") == "strict":
         for point in mount_points():
             if not re.match(r"^/(dev|proc|sys)(/|$)", point):
@@ -190,7 +193,14 @@ def enter_mount_sandbox(directives: dict[str, list[str]], workdir: Path) -> None
         # A bind mount copies the (now read-only) flags of its source: make it writable,
         # as systemd does for StateDirectory= and CacheDirectory=.
         _mount(None, "/tmp/work", None, MS_REMOUNT | MS_BIND)
+        if CHECKOUT.is_relative_to("/tmp"):
+            # A checkout under /tmp (a CI clone) stands for the installed package: keep
+            # it visible, read-only, where it was (systemd's BindReadOnlyPaths=).
+            CHECKOUT.mkdir(parents=True)
+            _mount(f"/proc/self/fd/{checkout_fd}", str(CHECKOUT), None, MS_BIND)
+            _mount(None, str(CHECKOUT), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     os.close(work_fd)
+    os.close(checkout_fd)
 
 
 def setpriv_command(directives: dict[str, list[str]]) -> list[str]:
