@@ -1,30 +1,38 @@
-"""Compile and load bpf/profile.bpf.c with bcc. The only module that imports bcc.
+"""Compile and load bpf/profile.bpf.c, then drive it with plain bpf() syscalls.
+
+bcc compiles with LLVM in whatever process calls it: ~150 MB of RSS that would stay
+for the agent's whole life. So the compile runs in a short-lived child
+(`compile_child.compile_in_child`): it loads the programs, hands back the fds of every
+map and program, and exits. This process never imports bcc; it attaches with
+perf_event_open/raw tracepoints and reads the maps through `BpfMap`/`RingBuffer`.
 
 `load_sampler_program` returns a `SamplerProgram`: a narrow handle (attach, set the
 slot and pid filter, read/delete map entries as plain values, poll pid events,
-close). The rest of the sampler sees only this handle, so compilation can later move
-into a short-lived child process (LLVM costs ~100 MB RSS) without touching it.
+close). The struct layouts below mirror bpf/profile.bpf.c and are checked against the
+kernel's key/value sizes at load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from agent.sampler import bpf_syscalls
+from agent.sampler.bpf_map import BpfMap
+from agent.sampler.compile_child import CompiledProgram, compile_in_child
 from agent.sampler.convert import (
     LOST_REASONS,
     UNWIND_STATS,
     PidEvent,
     RawCount,
     stack_addresses,
-    swap_bytes,
 )
 from agent.sampler.kernel_headers import HeaderChoice, find_kernel_headers
+from agent.sampler.ringbuf import RingBuffer
 from agent.unwind.mappings import MappingTarget, Prefix
 
 log = logging.getLogger(__name__)
@@ -34,13 +42,14 @@ _PACKAGED_BPF = Path(__file__).resolve().parents[1] / "bpf" / "profile.bpf.c"
 
 CONTROL_SLOT = 0  # enum control_index in the BPF program
 CONTROL_PID_FILTER = 1
-DEFAULT_COUNTS_ENTRIES = 16384
+DEFAULT_COUNTS_ENTRIES = 65536  # 56 bytes a key+value: 3.5 MiB, room for 20k+ stacks
 DEFAULT_STACK_ENTRIES = 16384  # per slot; a stack-map entry is ~1 KiB (127 frames)
 SEEN_ENTRIES = 65536
 EVENT_PAGES = 64  # ring buffer of 256 KiB: ~16k pid events between polls
 DEFAULT_UNWIND_ROWS = 2_000_000  # 8 bytes each: 16 MB of unwind table rows
 DEFAULT_UNWIND_MAPPINGS = 262_144  # LPM trie entries (pid, address prefix); allocated on use
 ROW_WRITE_BATCH = 65_536
+COMPILE_TIMEOUT_SECONDS = 120.0
 MAPS = ("counts", "stacks0", "stacks1", "control", "lost", "seen", "pid_events")
 UNWIND_MAPS = (
     "unwind_rows",
@@ -51,10 +60,16 @@ UNWIND_MAPS = (
     "unwind_stats",
     "unwind_programs",
 )
+TRACEPOINTS = {"sched_process_exec": "on_exec", "sched_process_exit": "on_exit"}
 
-
-class _PidEventStruct(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+# Layouts of bpf/profile.bpf.c (native byte order; "x" is the compiler's padding).
+SAMPLE_KEY = struct.Struct("=IIqi16s4x")  # slot, pid, user_stack_id, kernel_stack_id, comm
+SAMPLE_VALUE = struct.Struct("=QI4x")  # count, tid
+PID_EVENT = struct.Struct("=II")  # pid, kind
+U32 = struct.Struct("=I")
+U64 = struct.Struct("=Q")
+MAPPING_VALUE = struct.Struct("=QII")  # bias, first_row, row_count
+UNWIND_ROW_SIZE = 8
 
 
 def bpf_source_path() -> Path:
@@ -71,11 +86,12 @@ def load_sampler_program(
     unwind_rows: int = 0,
     headers: HeaderChoice | None = None,
 ) -> SamplerProgram:
-    """Compile and load the sampler (not attached yet; call `attach()`).
+    """Compile and load the sampler in a child process (not attached yet: `attach()`).
 
-    unwind_rows > 0 builds the table-driven user stack walker with that many rows;
-    0 keeps frame-pointer user stacks only. Raises KernelHeadersError when no headers
-    are usable, and bcc's exceptions when the kernel refuses the program.
+    unwind_rows > 0 builds the table-driven user stack walker with that many rows and
+    has the verifier pass it; 0 keeps frame-pointer user stacks only. Raises
+    KernelHeadersError when no headers are usable, BpfCompileError when the compiler
+    or the kernel refuses the program.
     """
     if frequency <= 0:
         raise ValueError(f"sampling frequency must be positive, got {frequency}")
@@ -86,97 +102,75 @@ def load_sampler_program(
         f"-DSEEN_ENTRIES={SEEN_ENTRIES}",
         f"-DEVENT_PAGES={EVENT_PAGES}",
     ]
+    programs = {
+        "on_cpu_clock": "perf_event",
+        "on_exec": "raw_tracepoint",
+        "on_exit": "raw_tracepoint",
+    }
+    tail_calls: dict[str, dict[int, str]] = {}
     if unwind_rows > 0:
         cflags += [
             "-DDWARF_UNWIND",
             f"-DUNWIND_ROWS={unwind_rows}",
             f"-DUNWIND_MAPPINGS={DEFAULT_UNWIND_MAPPINGS}",
         ]
-    source = bpf_source_path().read_text()
-    with _environment(headers.bcc_environment()):
-        from bcc import BPF  # heavy (LLVM): imported only when compiling
-
-        bpf = BPF(text=source.encode(), cflags=cflags)
+        programs["unwind_user"] = "perf_event"  # tail-called from on_cpu_clock
+        tail_calls["unwind_programs"] = {0: "unwind_user"}
+    compiled = compile_in_child(
+        bpf_source_path().read_text(),
+        cflags,
+        programs,
+        env=headers.bcc_environment(),
+        timeout=COMPILE_TIMEOUT_SECONDS,
+        tail_calls=tail_calls,
+    )
     try:
-        program = SamplerProgram(bpf, frequency, counts_entries, stack_entries, unwind_rows)
+        program = SamplerProgram(compiled, frequency, unwind_rows)
         program.set_pid_filter(pid_filter)
-        if unwind_rows > 0:
-            program.load_unwinder()  # the verifier's verdict, before anything is attached
     except BaseException:
-        bpf.cleanup()
+        compiled.close()
         raise
     return program
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of a compile (bcc reads getenv)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
 
 
 class SamplerProgram:
     """The loaded BPF sampler: maps as plain values, attach/detach, pid events."""
 
-    def __init__(
-        self,
-        bpf: Any,
-        frequency: int,
-        counts_entries: int,
-        stack_entries: int,
-        unwind_rows: int = 0,
-    ):
-        self._bpf = bpf
+    def __init__(self, compiled: CompiledProgram, frequency: int, unwind_rows: int = 0):
+        self._compiled = compiled
         self.frequency = frequency
-        self.counts_capacity = counts_entries
-        self.stacks_capacity = stack_entries
         self.unwind_rows_capacity = unwind_rows  # 0: frame pointers only
-        self._counts = bpf[b"counts"]
-        self._stacks = (bpf[b"stacks0"], bpf[b"stacks1"])
+        self._counts = _checked(compiled.map("counts"), SAMPLE_KEY.size, SAMPLE_VALUE.size)
+        self.counts_capacity = self._counts.max_entries
+        self._stacks = (compiled.map("stacks0"), compiled.map("stacks1"))
+        self.stacks_capacity = self._stacks[0].max_entries
         self._user_stacks = (
-            (bpf[b"user_stacks0"], bpf[b"user_stacks1"]) if unwind_rows else self._stacks
+            (compiled.map("user_stacks0"), compiled.map("user_stacks1"))
+            if unwind_rows
+            else self._stacks
         )
-        self._control = bpf[b"control"]
-        self._lost = bpf[b"lost"]
-        self._events: list[PidEvent] = []
-        self._ring_open = False
+        self._control = _checked(compiled.map("control"), U32.size, U32.size)
+        self._lost = _checked(compiled.map("lost"), U32.size, U64.size)
+        self._ring: RingBuffer | None = None
+        self._attachments: list[int] = []  # perf event and raw tracepoint fds
         self._closed = False
 
     @property
     def table_unwinding(self) -> bool:
         return self.unwind_rows_capacity > 0
 
-    def load_unwinder(self) -> None:
-        """Verify and load the table walker and put it where on_cpu_clock tail-calls it."""
-        from bcc import BPF
-
-        walker = self._bpf.load_func(b"unwind_user", BPF.PERF_EVENT)
-        self._bpf[b"unwind_programs"][ctypes.c_int(0)] = ctypes.c_int(walker.fd)
-
     def attach(self) -> None:
         """Start sampling every online CPU and watching exec/exit. Call once."""
-        from bcc import PerfSWConfig, PerfType
-
-        self._bpf[b"pid_events"].open_ring_buffer(self._on_pid_event)
-        self._ring_open = True
+        programs = self._compiled.programs
+        self._ring = self._compiled.ring_buffer("pid_events")
         # Raw tracepoints: unlike tracepoints they need no mounted tracefs.
-        self._bpf.attach_raw_tracepoint(tp=b"sched_process_exec", fn_name=b"on_exec")
-        self._bpf.attach_raw_tracepoint(tp=b"sched_process_exit", fn_name=b"on_exit")
-        self._bpf.attach_perf_event(
-            ev_type=PerfType.SOFTWARE,
-            ev_config=PerfSWConfig.CPU_CLOCK,
-            fn_name=b"on_cpu_clock",
-            sample_freq=self.frequency,
-            cpu=-1,
-        )
+        for tracepoint, function in TRACEPOINTS.items():
+            fd = bpf_syscalls.raw_tracepoint_open(tracepoint, programs[function])
+            self._attachments.append(fd)
+        for cpu in bpf_syscalls.online_cpus():
+            fd = bpf_syscalls.open_cpu_clock_event(cpu, self.frequency)
+            self._attachments.append(fd)
+            bpf_syscalls.attach_perf_event(fd, programs["on_cpu_clock"])
         log.info("sampler attached: cpu-clock at %d Hz on every online CPU", self.frequency)
 
     def set_slot(self, slot: int) -> None:
@@ -186,124 +180,140 @@ class SamplerProgram:
         self._set_control(CONTROL_PID_FILTER, pid or 0)
 
     def _set_control(self, index: int, value: int) -> None:
-        self._control[ctypes.c_int(index)] = ctypes.c_uint32(value)
+        self._control.update(U32.pack(index), U32.pack(value))
 
     def read_counts(self) -> list[RawCount]:
-        """Every entry of the counts map (both slots)."""
-        return [_raw_count(key, value) for key, value in self._counts.items()]
+        """Every entry of the counts map (both slots), in few syscalls."""
+        return [_raw_count(key, value) for key, value in self._counts.lookup_batch()]
 
     def delete_counts(self, entries: Sequence[RawCount]) -> None:
-        for entry in entries:
-            key = self._counts.Key(
-                entry.slot, entry.pid, entry.user_stack_id, entry.kernel_stack_id, entry.comm
-            )
-            with contextlib.suppress(KeyError):
-                del self._counts[key]
+        self._counts.delete_batch(
+            SAMPLE_KEY.pack(e.slot, e.pid, e.user_stack_id, e.kernel_stack_id, e.comm)
+            for e in entries
+        )
 
     def read_stacks(self, slot: int) -> dict[int, tuple[int, ...]]:
         """Every stack of the slot's stack map: id -> addresses, innermost first."""
-        table = self._stacks[slot & 1]
         stacks = {}
-        for key in list(table.keys()):
-            with contextlib.suppress(KeyError):
-                stacks[key.value] = stack_addresses(table[key].ip)
+        for key, value in self._stacks[slot & 1].items():
+            ips = struct.unpack(f"={len(value) // 8}Q", value)
+            stacks[U32.unpack(key)[0]] = stack_addresses(ips)
         return stacks
 
     def delete_stacks(self, slot: int, stack_ids: Sequence[int]) -> None:
-        _delete_keys(self._stacks[slot & 1], stack_ids)
+        self._stacks[slot & 1].delete_batch(U32.pack(i) for i in stack_ids)
 
     def read_user_stacks(self, slot: int) -> dict[int, tuple[int, ...]]:
         """The slot's user stacks: id -> addresses (the stack map itself without tables)."""
         if not self.table_unwinding:
             return self.read_stacks(slot)
-        table = self._user_stacks[slot & 1]
         stacks = {}
-        for key in list(table.keys()):
-            with contextlib.suppress(KeyError):
-                value = table[key]
-                stacks[key.value] = tuple(value.ips[: min(int(value.len), len(value.ips))])
+        for key, value in self._user_stacks[slot & 1].lookup_batch():
+            words = struct.unpack(f"={len(value) // 8}Q", value)
+            length = min(words[0], len(words) - 1)
+            stacks[U64.unpack(key)[0]] = words[1 : 1 + length]
         return stacks
 
     def delete_user_stacks(self, slot: int, stack_ids: Sequence[int]) -> None:
-        _delete_keys(self._user_stacks[slot & 1], stack_ids)
+        self._user_stacks[slot & 1].delete_batch(U64.pack(i) for i in stack_ids)
 
     def read_unwind_stats(self) -> tuple[int, ...]:
         """Cumulative walker counters (summed over CPUs), in UNWIND_STATS order."""
         if not self.table_unwinding:
             return (0,) * len(UNWIND_STATS)
-        stats = self._bpf[b"unwind_stats"]
-        return tuple(int(stats.sum(i).value) for i in range(len(UNWIND_STATS)))
+        return _percpu_sums(self._compiled.map("unwind_stats"), len(UNWIND_STATS))
 
     def write_unwind_rows(self, first_row: int, packed_rows: bytes) -> None:
         """Write packed rows (8 bytes each) at first_row of the global rows array."""
-        rows = self._bpf[b"unwind_rows"]
-        size = ctypes.sizeof(rows.Leaf)
-        count = len(packed_rows) // size
-        if count * size != len(packed_rows) or first_row + count > self.unwind_rows_capacity:
+        rows = self._compiled.map("unwind_rows")
+        count = len(packed_rows) // UNWIND_ROW_SIZE
+        if count * UNWIND_ROW_SIZE != len(packed_rows) or first_row + count > rows.max_entries:
             raise ValueError(f"{count} rows at {first_row} do not fit the rows array")
         for done in range(0, count, ROW_WRITE_BATCH):
             n = min(ROW_WRITE_BATCH, count - done)
-            keys = (rows.Key * n)(*range(first_row + done, first_row + done + n))
-            chunk = packed_rows[done * size : (done + n) * size]
-            rows.items_update_batch(keys, (rows.Leaf * n).from_buffer_copy(chunk))
+            first = first_row + done
+            keys = struct.pack(f"={n}I", *range(first, first + n))
+            chunk = packed_rows[done * UNWIND_ROW_SIZE : (done + n) * UNWIND_ROW_SIZE]
+            rows.update_batch(keys, chunk)
 
     def add_unwind_mappings(
         self, pid: int, prefixes: Sequence[Prefix], target: MappingTarget
     ) -> None:
-        table = self._bpf[b"unwind_mappings"]
-        value = table.Leaf(target.bias, target.first_row, target.row_count)
+        table = self._compiled.map("unwind_mappings")
+        value = MAPPING_VALUE.pack(target.bias, target.first_row, target.row_count)
         for prefix in prefixes:
-            table[_mapping_key(table, pid, prefix)] = value
+            table.update(_mapping_key(pid, prefix), value)
 
     def remove_unwind_mappings(self, pid: int, prefixes: Sequence[Prefix]) -> None:
-        table = self._bpf[b"unwind_mappings"]
+        table = self._compiled.map("unwind_mappings")
         for prefix in prefixes:
-            with contextlib.suppress(KeyError):
-                del table[_mapping_key(table, pid, prefix)]
+            table.delete(_mapping_key(pid, prefix))
 
     def read_lost(self) -> tuple[int, ...]:
         """Cumulative loss counters (summed over CPUs), in LOST_REASONS order."""
-        return tuple(int(self._lost.sum(i).value) for i in range(len(LOST_REASONS)))
+        return _percpu_sums(self._lost, len(LOST_REASONS))
 
     def poll_pid_events(self, timeout_ms: int = 0) -> list[PidEvent]:
         """Pid events since the last call; waits up to timeout_ms for the first one."""
-        if not self._ring_open or self._closed:
+        if self._ring is None or self._closed:
             return []
-        if timeout_ms > 0:
-            self._bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self._bpf.ring_buffer_consume()
-        events, self._events = self._events, []
+        records = self._ring.poll(timeout_ms) if timeout_ms > 0 else self._ring.consume()
+        events = []
+        for record in records:
+            if len(record) >= PID_EVENT.size:
+                pid, kind = PID_EVENT.unpack_from(record)
+                events.append(PidEvent(pid=pid, kind=kind))
         return events
 
-    def _on_pid_event(self, _ctx: Any, data: Any, _size: int) -> int:
-        event = ctypes.cast(data, ctypes.POINTER(_PidEventStruct)).contents
-        self._events.append(PidEvent(pid=int(event.pid), kind=int(event.kind)))
-        return 0
-
     def run_stats(self) -> dict[str, tuple[int, int]]:
-        """Program name -> (run_time_ns, run_cnt) from fdinfo.
+        """Program name -> (run_time_ns, run_cnt) from the kernel's program info.
 
-        The kernel counts only while kernel.bpf_stats_enabled=1; a tail-called program's
-        time is included in the program that the event entered (on_cpu_clock).
+        The kernel counts only while kernel.bpf_stats_enabled=1 (or an
+        enable_run_time_stats fd is open); a tail-called program's time is included
+        in the program that the event entered (on_cpu_clock).
         """
         stats = {}
-        for name, function in self._bpf.funcs.items():
-            info = _fdinfo(function.fd)
-            stats[name.decode()] = (info.get("run_time_ns", 0), info.get("run_cnt", 0))
+        for name, fd in self._compiled.programs.items():
+            info = bpf_syscalls.prog_info(fd)
+            stats[name] = (info.run_time_ns, info.run_cnt)
         return stats
 
     def map_memory(self) -> dict[str, int]:
         """Map name -> bytes the kernel charges for it (fdinfo "memlock")."""
         names = MAPS + (UNWIND_MAPS if self.table_unwinding else ())
-        return {name: _fdinfo(self._bpf[name.encode()].map_fd).get("memlock", 0) for name in names}
+        return {name: _fdinfo(self._compiled.maps[name].fd).get("memlock", 0) for name in names}
 
     def close(self) -> None:
         """Detach everything and free the maps. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._bpf.cleanup()
+        for fd in self._attachments:  # detaching first: no sample runs on freed maps
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._attachments.clear()
+        if self._ring is not None:
+            self._ring.close()
+        self._compiled.close()
+
+
+def _checked(bpf_map: BpfMap, key_size: int, value_size: int) -> BpfMap:
+    """The map, after checking that the kernel's sizes match our struct layouts."""
+    if (bpf_map.key_size, bpf_map.value_size) != (key_size, value_size):
+        raise RuntimeError(
+            f"map {bpf_map.name}: key/value sizes {bpf_map.key_size}/{bpf_map.value_size} "
+            f"differ from the agent's layout {key_size}/{value_size}; "
+            "bpf/profile.bpf.c and agent/sampler/loader.py disagree"
+        )
+    return bpf_map
+
+
+def _percpu_sums(array: BpfMap, count: int) -> tuple[int, ...]:
+    sums = []
+    for index in range(count):
+        values = array.lookup_percpu(U32.pack(index)) or []
+        sums.append(sum(U64.unpack(v)[0] for v in values))
+    return tuple(sums)
 
 
 def _fdinfo(fd: int) -> dict[str, int]:
@@ -320,24 +330,20 @@ def _fdinfo(fd: int) -> dict[str, int]:
     return fields
 
 
-def _delete_keys(table: Any, ids: Sequence[int]) -> None:
-    for stack_id in ids:
-        with contextlib.suppress(KeyError):
-            del table[table.Key(stack_id)]
-
-
-def _mapping_key(table: Any, pid: int, prefix: Prefix) -> Any:
+def _mapping_key(pid: int, prefix: Prefix) -> bytes:
     """struct mapping_key: pid and address big-endian, so the trie matches high bits first."""
-    return table.Key(32 + prefix.bits, swap_bytes(pid, 4), swap_bytes(prefix.address, 8))
+    return U32.pack(32 + prefix.bits) + struct.pack(">IQ", pid, prefix.address)
 
 
-def _raw_count(key: Any, value: Any) -> RawCount:
+def _raw_count(key: bytes, value: bytes) -> RawCount:
+    slot, pid, user_stack_id, kernel_stack_id, comm = SAMPLE_KEY.unpack(key)
+    count, tid = SAMPLE_VALUE.unpack(value)
     return RawCount(
-        slot=int(key.slot),
-        pid=int(key.pid),
-        user_stack_id=int(key.user_stack_id),
-        kernel_stack_id=int(key.kernel_stack_id),
-        comm=bytes(key.comm),
-        count=int(value.count),
-        tid=int(value.tid),
+        slot=slot,
+        pid=pid,
+        user_stack_id=user_stack_id,
+        kernel_stack_id=kernel_stack_id,
+        comm=comm,
+        count=count,
+        tid=tid,
     )
