@@ -182,7 +182,7 @@ def test_defaults(chart: helm.Chart, tmp_path: Path) -> None:
     container = agent_container(docs)
     assert container["resources"] == {
         "requests": {"cpu": "50m", "memory": "128Mi"},
-        "limits": {"memory": "256Mi"},
+        "limits": {"memory": "384Mi"},
     }
     security = container["securityContext"]
     assert security["privileged"] is False
