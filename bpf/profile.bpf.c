@@ -17,7 +17,8 @@
 // -DDWARF_UNWIND, walked here from .eh_frame-derived tables (see the second half).
 //
 // Compile-time constants (bcc cflags): COUNTS_ENTRIES, STACK_ENTRIES,
-// SEEN_ENTRIES, EVENT_PAGES; with DWARF_UNWIND also UNWIND_ROWS, UNWIND_MAPPINGS.
+// SEEN_ENTRIES, EVENT_PAGES; with DWARF_UNWIND also UNWIND_ROWS, UNWIND_MAPPINGS,
+// USER_STACK_ENTRIES.
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/bpf_perf_event.h>
 
@@ -273,9 +274,13 @@ enum step_result { STEP_CONTINUE, STEP_DONE, STEP_TRY_FP };
 BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS);
 BPF_F_TABLE("lpm_trie", struct mapping_key, struct mapping_value, unwind_mappings,
             UNWIND_MAPPINGS, BPF_F_NO_PREALLOC);
-// Not preallocated: only the stacks a window holds take memory (1 KiB each).
-BPF_F_TABLE("hash", u64, struct user_stack, user_stacks0, STACK_ENTRIES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, struct user_stack, user_stacks1, STACK_ENTRIES, BPF_F_NO_PREALLOC);
+// Not preallocated: only the stacks a window holds take memory (1 KiB each), so
+// the bound can be generous (a busy node has far more unique user than kernel stacks).
+#ifndef USER_STACK_ENTRIES
+#define USER_STACK_ENTRIES STACK_ENTRIES
+#endif
+BPF_F_TABLE("hash", u64, struct user_stack, user_stacks0, USER_STACK_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, struct user_stack, user_stacks1, USER_STACK_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
 BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
 BPF_PROG_ARRAY(unwind_programs, 1);

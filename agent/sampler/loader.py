@@ -44,6 +44,7 @@ CONTROL_SLOT = 0  # enum control_index in the BPF program
 CONTROL_PID_FILTER = 1
 DEFAULT_COUNTS_ENTRIES = 65536  # 56 bytes a key+value: 3.5 MiB, room for 20k+ stacks
 DEFAULT_STACK_ENTRIES = 16384  # per slot; a stack-map entry is ~1 KiB (127 frames)
+USER_STACK_ENTRIES = 65536  # per slot, table-walked stacks; allocated on use, 1 KiB each
 SEEN_ENTRIES = 65536
 EVENT_PAGES = 64  # ring buffer of 256 KiB: ~16k pid events between polls
 DEFAULT_UNWIND_ROWS = 2_000_000  # 8 bytes each: 16 MB of unwind table rows
@@ -113,6 +114,7 @@ def load_sampler_program(
             "-DDWARF_UNWIND",
             f"-DUNWIND_ROWS={unwind_rows}",
             f"-DUNWIND_MAPPINGS={DEFAULT_UNWIND_MAPPINGS}",
+            f"-DUSER_STACK_ENTRIES={max(USER_STACK_ENTRIES, stack_entries)}",
         ]
         programs["unwind_user"] = "perf_event"  # tail-called from on_cpu_clock
         tail_calls["unwind_programs"] = {0: "unwind_user"}
@@ -149,6 +151,7 @@ class SamplerProgram:
             if unwind_rows
             else self._stacks
         )
+        self.user_stacks_capacity = self._user_stacks[0].max_entries
         self._control = _checked(compiled.map("control"), U32.size, U32.size)
         self._lost = _checked(compiled.map("lost"), U32.size, U64.size)
         self._ring: RingBuffer | None = None

@@ -207,7 +207,7 @@ class Sampler:
         return window
 
     def _record_unwind_fill(self, program: SamplerProgram, user_stacks: int) -> None:
-        fill = fill_ratio(user_stacks, program.stacks_capacity)
+        fill = fill_ratio(user_stacks, program.user_stacks_capacity)
         metrics.MAP_FILL.labels("user_stacks").set(fill)
         tables = self.unwind_tables
         if tables is not None:
