@@ -122,6 +122,7 @@ def build_pipeline(
             pid=pid,
             unwinder=config.unwinder,
             unwind_table_rows=config.unwind_table_rows,
+            cache_dir=config.cache_dir,
         ),
         processes=processes,
         symbolizer=symbolizer,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from types import TracebackType
 
 from agent import metrics
@@ -40,6 +41,7 @@ from agent.sampler.convert import (
     new_pids,
     to_stack_samples,
 )
+from agent.sampler.kernel_headers import find_kernel_headers
 from agent.sampler.loader import (
     DEFAULT_COUNTS_ENTRIES,
     DEFAULT_STACK_ENTRIES,
@@ -71,6 +73,7 @@ class Sampler:
         unwind_table_rows: int = DEFAULT_UNWIND_ROWS,
         counts_entries: int = DEFAULT_COUNTS_ENTRIES,
         stack_entries: int = DEFAULT_STACK_ENTRIES,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if frequency <= 0:
             raise ValueError(f"sampling frequency must be positive, got {frequency}")
@@ -86,6 +89,7 @@ class Sampler:
         self._unwind_rows = unwind_table_rows
         self._counts_entries = counts_entries
         self._stack_entries = stack_entries
+        self._cache_dir = Path(cache_dir) if cache_dir else None  # merged distro headers
         self._program: SamplerProgram | None = None
         self._unwind_worker: UnwindWorker | None = None
         self._unwind_seen: tuple[int, ...] = ()
@@ -115,6 +119,8 @@ class Sampler:
         self._program = program
 
     def _load_program(self) -> SamplerProgram:
+        headers = find_kernel_headers(cache_dir=self._cache_dir)
+
         def load(unwind_rows: int) -> SamplerProgram:
             return load_sampler_program(
                 self.frequency,
@@ -122,6 +128,7 @@ class Sampler:
                 counts_entries=self._counts_entries,
                 stack_entries=self._stack_entries,
                 unwind_rows=unwind_rows,
+                headers=headers,
             )
 
         if self.unwinder == "fp":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from elftools.elf.sections import SymbolTableSection
 from agent.model import StackSample, Window
 from agent.sampler import Sampler
 from agent.sampler.convert import SAMPLE_LOSS_REASONS
+from agent.sampler.kernel_headers import running_kernel_headers
 
 FREQUENCY = 99
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -282,3 +284,17 @@ def test_bad_arguments_are_refused() -> None:
         Sampler(frequency=0)
     with pytest.raises(ValueError):
         Sampler(pid=-3)
+
+
+def test_distro_headers_are_merged_under_the_configured_cache_dir(
+    require_bpf: None, tmp_path: Path
+) -> None:
+    """--cache-dir holds the merged header tree when the running kernel has no headers."""
+    own_headers = running_kernel_headers(Path("/"), platform.release()) is not None
+    with Sampler(frequency=FREQUENCY, pid=os.getpid(), cache_dir=tmp_path) as sampler:
+        sampler.start()
+    merged = list((tmp_path / "kernel-headers").glob("linux-headers-*"))
+    if own_headers:  # bcc uses /lib/modules/$(uname -r)/build: nothing to merge
+        assert merged == []
+    else:
+        assert len(merged) == 1 and (merged[0] / "include").is_dir(), merged
