@@ -24,6 +24,7 @@ from elftools.elf.sections import SymbolTableSection
 
 from agent.model import StackSample, Window
 from agent.sampler import Sampler
+from agent.sampler.bpf_syscalls import enable_run_time_stats
 from agent.sampler.convert import SAMPLE_LOSS_REASONS
 from agent.sampler.kernel_headers import running_kernel_headers
 
@@ -298,3 +299,25 @@ def test_distro_headers_are_merged_under_the_configured_cache_dir(
         assert merged == []
     else:
         assert len(merged) == 1 and (merged[0] / "include").is_dir(), merged
+
+
+def test_run_stats_and_map_memory_come_from_the_kernel(
+    sampler: Sampler, c_binaries: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Program run counts (while stats are enabled) and map memory, read by syscalls."""
+    stats_fd = enable_run_time_stats()
+    try:
+        before = sampler.bpf_run_stats()["on_cpu_clock"]
+        proc = subprocess.Popen([str(c_binaries / "spin_pie"), "0.5"])
+        processes.append(proc)
+        wait_cpu_seconds(proc)
+        after = sampler.bpf_run_stats()["on_cpu_clock"]
+    finally:
+        os.close(stats_fd)
+    runs, nanoseconds = after[1] - before[1], after[0] - before[0]
+    assert runs >= 0.5 * FREQUENCY * 0.5, (before, after)  # at least every spin tick ran it
+    assert 0 < nanoseconds < runs * 1_000_000  # under 1 ms a run
+    memory = sampler.bpf_map_memory()
+    assert memory["counts"] > 0 and memory["stacks0"] > 0, memory
+    if sampler.unwind_mode == "dwarf":
+        assert memory["unwind_rows"] >= 8 * 1_000_000, memory
