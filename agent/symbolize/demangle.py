@@ -1,8 +1,14 @@
-"""Demangle C++ (Itanium) and legacy Rust symbol names.
+"""Demangle C++ (Itanium), legacy Rust and Rust v0 symbol names.
 
 Uses libstdc++'s own __cxa_demangle through ctypes (present wherever g++ or any C++
 program is installed) rather than a new dependency. Legacy Rust names are Itanium
 names with `$..$` escapes and a `::h<hash>` suffix, which are cleaned afterwards.
+Rust v0 names (`_R...`) go to the pure-Python parser in rust_v0.py, which prints what
+GNU `c++filt` prints less what changes from build to build: crate disambiguators
+(`mycrate[3c1c0]::foo` is `mycrate::foo`, as `::h<hash>` goes from legacy names) and,
+with them, the `: usize` type suffix of const generic values (`Buf<4>`), i.e. libiberty's
+and rustc-demangle's non-verbose form. The raw symbol stays with the caller
+(Function.system_name), so nothing is lost for tools that want the full form.
 Anything that is not mangled, or that fails to demangle, comes back unchanged.
 """
 
@@ -12,6 +18,8 @@ import ctypes
 import functools
 import re
 from typing import Any
+
+from agent.symbolize.rust_v0 import demangle_v0
 
 _RUST_HASH = re.compile(r"::h[0-9a-f]{16}$")
 _RUST_ESCAPES = {
@@ -85,11 +93,12 @@ def _rust_char(match: re.Match[str]) -> str:
 @functools.lru_cache(maxsize=65536)
 def demangle(name: str) -> str:
     """Readable form of a mangled symbol; unchanged if not mangled or not understood."""
-    if not name.startswith("_Z"):
+    if not name.startswith(("_Z", "_R")):
         return name
-    # Strip a symbol-version suffix ("@GLIBCXX_3.4") and clone suffixes survive as-is.
+    # Strip a symbol-version suffix ("@GLIBCXX_3.4"); Itanium clone suffixes survive
+    # as-is, a Rust v0 `.llvm.<hash>`-style suffix is dropped (as c++filt does).
     base, at, version = name.partition("@")
-    readable = _itanium(base)
+    readable = demangle_v0(base) if base.startswith("_R") else _itanium(base)
     if readable is None:
         return name
     if _LEGACY_RUST.match(base):
