@@ -15,6 +15,7 @@ APT_PACKAGES=(
   systemd                                                  # systemd-analyze verify
   podman buildah runc debootstrap                          # container image test
   linux-perf                                               # benchmarks: perf record next to ours
+  rustc                                                    # Rust v0 demangling test (real symbols)
 )
 
 missing=()
