@@ -9,7 +9,9 @@ non-PIE executables and shared libraries alike:
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -75,7 +77,12 @@ RawSymbol = tuple[int, int, str, bool]  # value, size, name, is global
 
 
 class SymbolTable:
-    """Function symbols sorted by address; lookup by bisection, sizes honoured."""
+    """Function symbols sorted by address; lookup by bisection, sizes honoured.
+
+    Packed (addresses and sizes in arrays, names in one bytes blob): a host maps
+    binaries with 100k+ long (C++, Rust) symbols, and a Python string and list slot
+    per symbol would cost ~150 bytes each for every binary the agent keeps.
+    """
 
     def __init__(self, symbols: list[RawSymbol]) -> None:
         # One name per address: the best of aliases (sized, global, no leading "_").
@@ -85,9 +92,12 @@ class SymbolTable:
             current = best.get(value)
             if current is None or rank > current[2]:
                 best[value] = (size, name, rank)
-        self._starts = sorted(best)
-        self._sizes = [best[start][0] for start in self._starts]
-        self._names = [best[start][1] for start in self._starts]
+        starts = sorted(best)
+        self._starts = array("Q", starts)
+        self._sizes = array("Q", (best[start][0] for start in starts))
+        names = [best[start][1].encode("utf-8", "surrogatepass") for start in starts]
+        self._name_ends = array("Q", itertools.accumulate(len(name) for name in names))
+        self._names = b"".join(names)
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -100,12 +110,16 @@ class SymbolTable:
         size = self._sizes[index]
         if size and vaddr >= self._starts[index] + size:
             return None  # in a gap between functions
-        return self._names[index]
+        return self._name(index)
+
+    def _name(self, index: int) -> str:
+        start = self._name_ends[index - 1] if index else 0
+        return self._names[start : self._name_ends[index]].decode("utf-8", "surrogatepass")
 
     def address_of(self, name: str) -> int | None:
         """Address of the function called `name` (mangled), for tests and tools."""
-        for start, candidate in zip(self._starts, self._names, strict=True):
-            if candidate == name:
+        for index, start in enumerate(self._starts):
+            if self._name(index) == name:
                 return start
         return None
 
