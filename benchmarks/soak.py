@@ -1,10 +1,10 @@
 """Soak: the agent under constant process churn; RSS, file descriptors and windows over time.
 
 While the agent runs (default 30 minutes, 10 s windows, 19 Hz), a churner keeps 200
-short-lived processes alive: each runs a small CPU burst or sleeps for 0.2-3 s and exits,
-and is replaced at once, so thousands of processes start and exit. Every 30 s the script
-records the agent's RSS (VmRSS), its open file descriptors (/proc/PID/fd), its threads,
-and strobe_windows_total. At the end it reports:
+short-lived processes alive: each sleeps for 0.2-3 s (or, one in 20, burns CPU for
+0.05-0.5 s) and exits, and is replaced at once, so thousands of processes start and
+exit. Every 30 s the script records the agent's RSS (VmRSS), its open file descriptors
+(/proc/PID/fd), its threads, and strobe_windows_total. At the end it reports:
 - RSS: the mean of the first third of the run (after a warm-up) vs the last third
   (flat means within +-10%), and the peak (VmHWM);
 - fds and threads: first vs last sample (a leak grows);
@@ -27,6 +27,8 @@ from typing import Any
 from _harness import Agent, base_parser, emit, metric, mib, require_root, scratch
 
 CHURN_PROCESSES = 200
+# ~2 bursts running at a time on average: busy, without starving a 2-CPU machine
+BURST_SHARE = 0.05
 SAMPLE_EVERY = 30.0
 
 
@@ -38,11 +40,11 @@ def churn(stop: threading.Event, count: int, started: list[int]) -> None:
         while not stop.is_set():
             running = [p for p in running if p.poll() is None]
             while len(running) < count:
-                seconds = rng.uniform(0.2, 3.0)
-                if rng.random() < 0.1:  # a CPU burst: samples and stacks to attribute
+                if rng.random() < BURST_SHARE:  # a CPU burst: samples and stacks to attribute
+                    seconds = rng.uniform(0.05, 0.5)
                     argv = ["timeout", f"{seconds:.2f}", "sh", "-c", "while :; do :; done"]
                 else:
-                    argv = ["sleep", f"{seconds:.2f}"]
+                    argv = ["sleep", f"{rng.uniform(0.2, 3.0):.2f}"]
                 running.append(subprocess.Popen(argv, start_new_session=True))
                 started[0] += 1
             stop.wait(0.05)
