@@ -173,6 +173,7 @@ class WindowLoop:
         self.reloader = reloader
         self.delivered = 0
         self._last_watchdog = 0.0
+        self._next_window_end: float | None = None  # monotonic; windows keep a cadence
 
     def run(self, max_windows: int | None = None) -> int:
         while True:
@@ -199,7 +200,11 @@ class WindowLoop:
             sdnotify.notify("WATCHDOG=1")
 
     def _sample_one_window(self) -> Window:
-        window_end = time.monotonic() + self.window_seconds
+        # Windows end on a fixed cadence, so the time spent processing one window does
+        # not stretch the next (a window covers everything since the previous drain).
+        now = time.monotonic()
+        window_end = self._next_window_end or now + self.window_seconds
+        self._next_window_end = max(window_end + self.window_seconds, now)
         drains: list[Window] = []
         while True:
             had_taps = self.taps.active()
