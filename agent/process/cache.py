@@ -2,7 +2,8 @@
 
 Lifecycle the daemon follows each window:
     capture(pid)      as early as a process is seen (so it is known even if it exits)
-    get(pid)          while attributing the window's samples (marks it used)
+    get(pid)          while attributing the window's samples (marks it used); a pid
+                      that could not be read is not read again until end_window()
     get_covering(...) when an address may lie in code mapped after the capture
     end_window()      after the drain: forgets processes that exited
 A process that exited keeps its entry until a window that used it has ended (or a
@@ -14,12 +15,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.metrics import PROCESS_CACHE_SIZE, PROCESS_READ_ERRORS, PROCESSES_SEEN
 from agent.model import ProcessInfo
+from agent.process.mapindex import MappingIndex
 from agent.process.reader import PROC, error_reason, read_process, read_start
+
+MAX_COVERED = 1 << 16  # addresses remembered as mapped, per process
 
 
 @dataclass
@@ -28,6 +32,31 @@ class _Entry:
     used_this_window: bool = False
     refreshed_window: int = -1  # the window in which maps were last re-read
     dead_windows: int = 0  # windows ended since we found the process gone, unused
+    # Built on first use and dropped with `info`: get_covering checks every address of
+    # every stack, and most addresses repeat, so known ones cost one set lookup.
+    _index: MappingIndex | None = None
+    _covered: set[int] = field(default_factory=lambda: {0})  # 0: no address, never checked
+
+    def replace(self, info: ProcessInfo) -> None:
+        self.info, self._index, self._covered = info, None, {0}
+
+    def covers(self, addresses: Iterable[int]) -> bool:
+        """Whether every non-zero address lies in one of info's mappings."""
+        addresses = addresses if isinstance(addresses, tuple) else tuple(addresses)  # read twice
+        covered = self._covered
+        if covered.issuperset(addresses):
+            return True
+        if self._index is None:
+            self._index = MappingIndex(self.info.mappings)
+        if len(covered) > MAX_COVERED:
+            covered.clear()
+            covered.add(0)
+        for address in addresses:
+            if address not in covered:
+                if self._index.find(address) is None:
+                    return False
+                covered.add(address)
+        return True
 
 
 class ProcessCache:
@@ -43,6 +72,9 @@ class ProcessCache:
         self._proc = proc
         self._grace_windows = grace_windows
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        # pids get() could not read this window. A window's samples of a process that
+        # exited uncaptured would otherwise each cost a failed /proc read.
+        self._unreadable: set[int] = set()
         self._window = 0
         self._lock = threading.RLock()
 
@@ -71,20 +103,29 @@ class ProcessCache:
             if info is None:
                 return None
             self._store(pid, _Entry(info))
+            self._unreadable.discard(pid)
             PROCESSES_SEEN.inc()
             return info
 
     def get(self, pid: int) -> ProcessInfo | None:
         """The known process for pid (captured now if unknown); marks it used this window."""
         with self._lock:
+            entry = self._use(pid)
+            return entry.info if entry is not None else None
+
+    def _use(self, pid: int) -> _Entry | None:
+        with self._lock:
             entry = self._entries.get(pid)
             if entry is None:
+                if pid in self._unreadable:
+                    return None
                 if self.capture(pid) is None:
+                    self._unreadable.add(pid)
                     return None
                 entry = self._entries[pid]
             entry.used_this_window = True
             self._entries.move_to_end(pid)
-            return entry.info
+            return entry
 
     def refresh(self, pid: int) -> ProcessInfo | None:
         """Re-read pid's mappings (new code was mapped), at most once per window."""
@@ -97,16 +138,17 @@ class ProcessCache:
             entry.refreshed_window = self._window
             info = read_process(pid, self._proc)
             if info is not None and info.start_time == entry.info.start_time:
-                entry.info = info
+                entry.replace(info)
             return entry.info
 
     def get_covering(self, pid: int, addresses: Iterable[int]) -> ProcessInfo | None:
         """get(pid), refreshed once per window if an address lies outside all mappings."""
-        info = self.get(pid)
-        if info is None or not info.mappings:
-            return info  # kernel thread, or unknown: nothing to refresh against
-        if all(_is_mapped(info, a) for a in addresses if a):
-            return info
+        with self._lock:
+            entry = self._use(pid)
+            if entry is None:
+                return None
+            if not entry.info.mappings or entry.covers(addresses):
+                return entry.info  # kernel thread (nothing to refresh against), or covered
         return self.refresh(pid)
 
     def end_window(self) -> None:
@@ -120,6 +162,7 @@ class ProcessCache:
                 else:
                     entry.dead_windows += 1
                 entry.used_this_window = False
+            self._unreadable.clear()
             self._window += 1
             PROCESS_CACHE_SIZE.set(len(self._entries))
 
@@ -135,7 +178,3 @@ class ProcessCache:
             return read_start(pid, self._proc)[1] == start_time
         except (OSError, ValueError):
             return False
-
-
-def _is_mapped(info: ProcessInfo, address: int) -> bool:
-    return any(m.contains(address) for m in info.mappings)
