@@ -207,12 +207,17 @@ def build_profile(
         profile.sample_type.add(type=tables.string(kind), unit=tables.string(unit))
     profile.period_type.type = tables.string("cpu")
     profile.period_type.unit = tables.string("nanoseconds")
-    # Hot loop: most locations repeat, so look them up by object before calling out.
-    known, location_id = tables.by_object, tables.location_id
+    # Hot loop: most locations repeat (the symbolizer hands out the same Location object
+    # for a process's repeated frames), so look them up by object, in C (map), and call
+    # out only for a stack with a location not seen yet.
+    known, location_id = tables.by_object.get, tables.location_id
     add_sample = profile.sample.add
     for sample in samples:
+        ids = list(map(known, map(id, sample.locations)))
+        if None in ids:  # ids are ints >= 1: this compares in C
+            ids = [i or location_id(loc) for i, loc in zip(ids, sample.locations, strict=True)]
         add_sample(
-            location_id=[known.get(id(loc)) or location_id(loc) for loc in sample.locations],
+            location_id=ids,
             value=(sample.count, min(sample.count * period_ns, INT64_MAX)),
             label=tables.labels(sample),
         )

@@ -5,11 +5,12 @@ once (verified identity, ELF symbols) and uses a DWARF index only if one is read
 DWARF indexing is the slow part; it happens in prepare(process) or
 prepare_pending(), which a thread beside the sampling loop calls. A window thus
 ships with ELF names at first and with inlined frames, files and lines later.
+A frame symbolize() has seen in a process is memoized (memo.py): most of a window's
+frames cost a dict lookup, and frame counts reach the metrics once per call.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import tempfile
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.metrics import BINARY_ERRORS, FRAMES, SYMBOL_CACHE_BINARIES
+from agent.metrics import BINARY_ERRORS, SYMBOL_CACHE_BINARIES
 from agent.model import Frame, Location, Mapping, ProcessInfo
 from agent.symbolize.binaries import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
 from agent.symbolize.debugfiles import DEFAULT_DEBUG_DIRS
@@ -32,6 +33,21 @@ from agent.symbolize.index import BinaryIndex, DwarfState, vdso_binary
 from agent.symbolize.index_child import IndexLimits
 from agent.symbolize.indexing import BuildStats, DwarfBuilder
 from agent.symbolize.kallsyms import Kallsyms
+from agent.symbolize.memo import (
+    JIT_HIT,
+    JIT_MISS,
+    KERNEL_HIT,
+    KERNEL_MISS,
+    USER_HIT,
+    USER_MISS,
+    AddressSpace,
+    AddressSpaces,
+    Tally,
+    count_frames,
+    memoized,
+    new_tally,
+    unnamed,
+)
 from agent.symbolize.perfmap import PerfMaps, is_jit_candidate
 
 if TYPE_CHECKING:
@@ -41,6 +57,7 @@ log = logging.getLogger(__name__)
 
 FileIdentity = tuple[str, int, str]  # mapping dev, inode, path
 DEFAULT_SYMBOL_CACHE_BYTES = 1 << 30
+MAX_KERNEL_LOCATIONS = 1 << 16  # kernel addresses seen in samples: thousands
 
 
 class Symbolizer:
@@ -82,9 +99,9 @@ class Symbolizer:
         self._files: OrderedDict[FileIdentity, str | float] = OrderedDict()  # key or failed-at
         self._build_ids: OrderedDict[FileIdentity, str] = OrderedDict()  # for /executable
         self._pending: OrderedDict[str, None] = OrderedDict()  # keys awaiting DWARF
-        self._mapping_starts: OrderedDict[int, tuple[tuple[Mapping, ...], list[int]]] = (
-            OrderedDict()
-        )
+        self._spaces = AddressSpaces()  # per-process memo of the sampling path
+        self._kernel_first: dict[int, Location] = {}
+        self._kernel_returns: dict[int, Location] = {}
         self._vdso: tuple[BinaryIndex | None, int] | None = None  # (index, image size)
         self._temp_dir = (
             tempfile.TemporaryDirectory(prefix="strobe-symbols-") if not cache_dir else None
@@ -147,55 +164,144 @@ class Symbolizer:
         """Locations innermost first: the kernel frames (kernel=True), then the user ones.
 
         Never raises for what a host contains; an unnamed frame keeps its address,
-        mapping and (when known) build id, with no frames.
+        mapping and (when known) build id, with no frames. Equal frames of a process
+        may come back as the same Location object (memo.py).
         """
-        return self.symbolize_kernel(kernel_stack) + self.symbolize_user(process, user_stack)
+        tally = new_tally()
+        kernel = self._kernel_locations(kernel_stack, tally)
+        locations = kernel + self._user_locations(process, user_stack, tally)
+        count_frames(tally)
+        return locations
 
     def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Location, ...]:
-        locations = []
-        for depth, address in enumerate(addresses):
-            lookup = address if depth == 0 else address - 1  # return address -> the call
-            frame = self._kallsyms.lookup(lookup) if self._kallsyms is not None else None
-            FRAMES.labels(kind="kernel", result="hit" if frame else "miss").inc()
-            frames = (frame,) if frame else ()
-            locations.append(Location(address=address, mapping=None, frames=frames, kernel=True))
-        return tuple(locations)
+        tally = new_tally()
+        locations = self._kernel_locations(addresses, tally)
+        count_frames(tally)
+        return locations
 
     def symbolize_user(
         self, process: ProcessInfo | None, addresses: Sequence[int]
     ) -> tuple[Location, ...]:
         """User frames; all but the first are return addresses, looked up at address - 1."""
-        return tuple(
-            self.symbolize_address(process, address, return_address=depth > 0)
-            for depth, address in enumerate(addresses)
-        )
+        tally = new_tally()
+        locations = self._user_locations(process, addresses, tally)
+        count_frames(tally)
+        return locations
 
     def symbolize_address(
         self, process: ProcessInfo | None, address: int, return_address: bool = False
     ) -> Location:
-        """One user address. Location.address stays the address given."""
+        """One user address. Location.address stays the address given.
+
+        Always looked up (the memo is only written): a per-frame reference for tests.
+        """
+        tally = new_tally()
+        if process is None:
+            location = Location(address=address, mapping=None)
+            tally[USER_MISS] += 1
+        else:
+            space = self._spaces.get(process.mappings)
+            location = self._user_location(process, space, address, return_address, tally)
+        count_frames(tally)
+        return location
+
+    def _kernel_locations(self, addresses: Sequence[int], tally: Tally) -> tuple[Location, ...]:
+        # Kernel symbols never change: a Location per (address, depth > 0) is kept for good.
+        locations = memoized(self._kernel_first, self._kernel_returns, addresses)
+        if locations is None:
+            locations = tuple(
+                self._kernel_memoized(address, depth > 0) for depth, address in enumerate(addresses)
+            )
+        misses = unnamed(locations)
+        tally[KERNEL_HIT] += len(locations) - misses
+        tally[KERNEL_MISS] += misses
+        return locations
+
+    def _kernel_memoized(self, address: int, return_address: bool) -> Location:
+        memo = self._kernel_returns if return_address else self._kernel_first
+        location = memo.get(address)
+        if location is None:
+            location = self._kernel_location(address, return_address)
+            if len(memo) >= MAX_KERNEL_LOCATIONS:
+                memo.clear()
+            memo[address] = location
+        return location
+
+    def _kernel_location(self, address: int, return_address: bool) -> Location:
+        lookup = address - 1 if return_address else address  # return address -> the call
+        frame = self._kallsyms.lookup(lookup) if self._kallsyms is not None else None
+        frames = (frame,) if frame else ()
+        return Location(address=address, mapping=None, frames=frames, kernel=True)
+
+    def _user_locations(
+        self, process: ProcessInfo | None, addresses: Sequence[int], tally: Tally
+    ) -> tuple[Location, ...]:
+        if process is None:
+            tally[USER_MISS] += len(addresses)
+            return tuple(Location(address=address, mapping=None) for address in addresses)
+        space = self._spaces.get(process.mappings)
+        locations = memoized(space.first, space.returns, addresses)
+        if locations is None:  # some frame is new (or JIT): one at a time
+            return self._user_locations_slow(process, space, addresses, tally)
+        misses = unnamed(locations)  # memoized frames are all kind "user"
+        tally[USER_HIT] += len(locations) - misses
+        tally[USER_MISS] += misses
+        return locations
+
+    def _user_locations_slow(
+        self, process: ProcessInfo, space: AddressSpace, addresses: Sequence[int], tally: Tally
+    ) -> tuple[Location, ...]:
+        locations = []
+        memo = space.first
+        for address in addresses:
+            location = memo.get(address)
+            if location is None:
+                return_address = memo is space.returns
+                location = self._user_location(process, space, address, return_address, tally)
+            else:
+                tally[USER_HIT if location.frames else USER_MISS] += 1
+            locations.append(location)
+            memo = space.returns
+        return tuple(locations)
+
+    def _user_location(
+        self,
+        process: ProcessInfo,
+        space: AddressSpace,
+        address: int,
+        return_address: bool,
+        tally: Tally,
+    ) -> Location:
+        """A user frame not memoized in `space`: looked up, counted, memoized if stable."""
         lookup = address - 1 if return_address else address
-        mapping = self._find_mapping(process, lookup) if process is not None else None
-        if process is None or mapping is None:
-            FRAMES.labels(kind="user", result="miss").inc()
-            return Location(address=address, mapping=mapping)
-        if is_jit_candidate(mapping):
-            return self._jit_location(process, mapping, address, lookup)
-        binary = self._binary_for(process.pid, mapping)
-        if binary is None:
-            FRAMES.labels(kind="user", result="miss").inc()
-            return Location(address=address, mapping=mapping)
-        vaddr = runtime_to_elf_vaddr(lookup, mapping, binary.elf.loads)
-        frames = binary.frames(vaddr) if vaddr is not None else ()
-        FRAMES.labels(kind="user", result="hit" if frames else "miss").inc()
-        return Location(address=address, mapping=mapping, build_id=binary.build_id, frames=frames)
+        mapping = space.index.find(lookup)
+        if mapping is not None and is_jit_candidate(mapping):
+            location = self._jit_location(process, mapping, address, lookup)
+            tally[JIT_HIT if location.frames else JIT_MISS] += 1
+            return location  # perf maps grow while the JIT runs: never memoized
+        binary = self._binary_for(process.pid, mapping) if mapping is not None else None
+        if mapping is None or binary is None:
+            location = Location(address=address, mapping=mapping)
+            # A file that failed to open is retried later; what no file backs stays unnamed.
+            stable = mapping is None or not mapping.path.startswith("/")
+        else:
+            space.binaries.add(binary.key)  # before reading frames: see forget_binary
+            vaddr = runtime_to_elf_vaddr(lookup, mapping, binary.elf.loads)
+            frames = binary.frames(vaddr) if vaddr is not None else ()
+            location = Location(
+                address=address, mapping=mapping, build_id=binary.build_id, frames=frames
+            )
+            stable = True
+        tally[USER_HIT if location.frames else USER_MISS] += 1
+        if stable:
+            self._spaces.remember(space, return_address, address, location)
+        return location
 
     def _jit_location(
         self, process: ProcessInfo, mapping: Mapping, address: int, lookup: int
     ) -> Location:
         name = self._perf_maps.lookup(process, lookup)
         frames: tuple[Frame, ...] = (frame_of(name, "", 0),) if name else ()
-        FRAMES.labels(kind="jit", result="hit" if frames else "miss").inc()
         return Location(address=address, mapping=mapping, frames=frames)
 
     # --- the slow path, beside the sampling loop ---------------------------------
@@ -249,7 +355,10 @@ class Symbolizer:
             if binary.state is not DwarfState.PENDING:
                 return 0
             binary.state = DwarfState.INDEXING
-        return 1 if self._builder.index(binary, lambda: self._requeue(binary.key)) else 0
+        if not self._builder.index(binary, lambda: self._requeue(binary.key)):
+            return 0
+        self._spaces.forget_binary(binary.key)  # memoized Locations have its ELF names
+        return 1
 
     def _requeue(self, key: str) -> None:
         """A debuginfod download for key ended: index it again (or settle for ELF symbols)."""
@@ -270,20 +379,6 @@ class Symbolizer:
         if opened is not None:
             binary.opened = opened
             binary.mapped_path = mapping.path
-
-    def _find_mapping(self, process: ProcessInfo, address: int) -> Mapping | None:
-        mappings = process.mappings
-        with self._lock:
-            entry = self._mapping_starts.get(id(mappings))
-            if entry is None or entry[0] is not mappings:
-                entry = (mappings, [m.start for m in mappings])
-                self._mapping_starts[id(mappings)] = entry
-                if len(self._mapping_starts) > 1024:
-                    self._mapping_starts.popitem(last=False)
-        index = bisect.bisect_right(entry[1], address) - 1
-        if index >= 0 and mappings[index].contains(address):
-            return mappings[index]
-        return None
 
     def _binary_for(self, pid: int, mapping: Mapping) -> BinaryIndex | None:
         """The cached index for a mapping's file, opening and verifying it on first sight."""
@@ -378,14 +473,27 @@ class Symbolizer:
             existing = self._binaries.get(binary.key)
             if existing is not None:  # another thread opened it meanwhile
                 return existing
+            if len(self._binaries) >= self._max_binaries:
+                self._touch_memoized()
             self._binaries[binary.key] = binary
             if binary.state is DwarfState.PENDING:
                 self._pending[binary.key] = None
             while len(self._binaries) > self._max_binaries:
                 evicted, _ = self._binaries.popitem(last=False)
                 self._pending.pop(evicted, None)
+                self._spaces.forget_binary(evicted)
             SYMBOL_CACHE_BINARIES.set(len(self._binaries))
         return binary
+
+    def _touch_memoized(self) -> None:
+        """Count memoized frames as uses of their binaries before choosing one to evict.
+
+        Memo hits bypass _binary_for, which keeps the LRU order: without this, the
+        binaries used most would look unused and be evicted first. Caller holds the lock.
+        """
+        for key in self._spaces.used_binaries():
+            if key in self._binaries:
+                self._binaries.move_to_end(key)
 
     def _vdso_for(self, mapping: Mapping) -> BinaryIndex | None:
         if self._vdso is None:
