@@ -7,7 +7,11 @@
 A binary is identified by its GNU build id (else dev:inode:mtime:size), so the table
 of libc is built once and its rows are written once, whatever the number of processes
 mapping it. A table lives in one contiguous range of the global rows array while at
-least one process maps it; when its last process goes, the range is freed.
+least one process maps it. When its last process goes, the table stays loaded but idle
+for `idle_seconds` (default 60): short-lived processes that run the same binaries again
+and again (shells, cron jobs, probes) reuse it instead of parsing .eh_frame each time.
+Idle tables are freed by `sweep()` once that time is up, and at once, oldest first,
+when another table needs their rows.
 
 Thread-safe (one lock): a worker thread prepares and sweeps while a test or the
 pipeline may prepare directly.
@@ -19,6 +23,7 @@ import io
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_FAILURES = 4096
 MAX_REMEMBERED_KEYS = 4096
+DEFAULT_IDLE_SECONDS = 60.0
 _BINARY_KEYS: dict[str, str] = {}  # file identity (dev:inode:mtime:size) -> sharing key
 
 
@@ -86,6 +92,7 @@ class UnwindTableStats:
     processes: int
     failed_binaries: int
     routes: int  # (pid, address prefix) entries in the BPF trie
+    idle_tables: int = 0  # loaded, used by no process, kept for reuse (counted in tables)
 
 
 class UnwindTables:
@@ -97,6 +104,8 @@ class UnwindTables:
         *,
         proc: Path = PROC,
         resolve: Callable[[int, Mapping], BinarySource | None] | None = None,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._maps = maps
         self._proc = proc
@@ -105,6 +114,9 @@ class UnwindTables:
         self._tables: dict[str, _LoadedTable] = {}
         self._processes: dict[int, _Process] = {}
         self._failed: OrderedDict[str, int] = OrderedDict()  # key -> rows needed (0: no table)
+        self._idle: OrderedDict[str, float] = OrderedDict()  # key -> idle since, oldest first
+        self._idle_seconds = idle_seconds
+        self._clock = clock
         self._lock = threading.Lock()
         self._own_pid = os.getpid()
 
@@ -141,11 +153,15 @@ class UnwindTables:
             self._forget(pid)
 
     def sweep(self) -> int:
-        """Forget processes that exited (or whose pid now names another process)."""
+        """Forget processes that exited (or whose pid now names another process), and
+        free tables idle for longer than idle_seconds. Returns how many were forgotten."""
         with self._lock:
             gone = [pid for pid, entry in self._processes.items() if not self._alive(pid, entry)]
             for pid in gone:
                 self._forget(pid)
+            expired = self._clock() - self._idle_seconds
+            while self._idle and next(iter(self._idle.values())) <= expired:
+                self._free_idle()
             return len(gone)
 
     def stats(self) -> UnwindTableStats:
@@ -156,6 +172,7 @@ class UnwindTables:
                 rows_capacity=self._allocator.capacity,
                 processes=len(self._processes),
                 failed_binaries=len(self._failed),
+                idle_tables=len(self._idle),
                 routes=sum(
                     len(prefixes)
                     for entry in self._processes.values()
@@ -194,7 +211,8 @@ class UnwindTables:
             if key in self._tables:
                 return False
             needed = self._failed.get(key)
-            return needed is None or 0 < needed <= self._allocator.largest_free
+            reclaimable = sum(self._tables[idle].row_count for idle in self._idle)
+            return needed is None or 0 < needed <= self._allocator.largest_free + reclaimable
 
     def _route(
         self, pid: int, mapping: Mapping, key: str, parsed: dict[str, UnwindTable | None]
@@ -213,6 +231,7 @@ class UnwindTables:
             log.warning("unwind mappings for pid %d not added: %s", pid, exc)
             return None
         table.users.add(pid)
+        self._idle.pop(key, None)
         return key, prefixes
 
     def _install(self, key: str, parsed: dict[str, UnwindTable | None]) -> _LoadedTable | None:
@@ -224,6 +243,9 @@ class UnwindTables:
             self._remember_failure(key, 0)
             return None
         first_row = self._allocator.allocate(len(table))
+        while first_row is None and self._idle:  # make room: idle tables go first
+            self._free_idle()
+            first_row = self._allocator.allocate(len(table))
         if first_row is None:
             log.warning("unwind rows full: %s needs %d rows", key, len(table))
             self._remember_failure(key, len(table))
@@ -270,8 +292,15 @@ class UnwindTables:
             return
         table.users.discard(pid)
         if not table.users:
-            del self._tables[key]
-            self._allocator.free(table.first_row)  # refused binaries may fit now
+            self._idle[key] = self._clock()
+            if self._idle_seconds <= 0:
+                self._free_idle()
+
+    def _free_idle(self) -> None:
+        """Free the oldest idle table's rows (refused binaries may fit now)."""
+        key, _ = self._idle.popitem(last=False)
+        table = self._tables.pop(key)
+        self._allocator.free(table.first_row)
 
 
 def resolve_binary(pid: int, mapping: Mapping, proc: Path = PROC) -> BinarySource | None:

@@ -241,9 +241,19 @@ def test_tables_are_freed_when_the_process_is_gone(
     processes[-1].kill()
     processes[-1].wait(timeout=10)
     assert tables.sweep() >= 1
+    idle = tables.stats()
+    assert idle.processes == before.processes
+    assert idle.idle_tables > before.idle_tables  # kept a while, in case it runs again
+    assert idle.rows_used == during.rows_used
+    # An hour later (the idle time is a minute) the sweep frees the rows.
+    real_clock = tables._clock
+    tables._clock = lambda: real_clock() + 3600
+    try:
+        tables.sweep()
+    finally:
+        tables._clock = real_clock
     after = tables.stats()
-    assert after.processes == before.processes
-    assert after.rows_used == before.rows_used
+    assert after.idle_tables == 0 and after.rows_used < before.rows_used + 1
 
 
 def test_prepare_unwind_queues_for_the_worker(

@@ -227,7 +227,8 @@ def test_tables_are_shared_by_build_id_and_freed_with_their_last_process(
 ) -> None:
     first, second = start_sleeper(sleepers), start_sleeper(sleepers)
     maps = MemoryMaps(1_000_000)
-    tables = UnwindTables(maps)
+    now = [0.0]
+    tables = UnwindTables(maps, idle_seconds=60, clock=lambda: now[0])
     tables.prepare(first)
     written_once = maps.rows_written
     tables.prepare(second)
@@ -247,8 +248,49 @@ def test_tables_are_shared_by_build_id_and_freed_with_their_last_process(
     stop(sleepers[1])
     assert tables.sweep() == 1
     assert maps.routes == {}
-    assert tables.stats() == dataclasses.replace(tables.stats(), tables=0, rows_used=0, processes=0)
+    idle = tables.stats()  # unused, kept loaded for a while in case they are run again
+    assert idle.processes == 0 and idle.idle_tables == idle.tables > 0
+    assert idle.rows_used == written_once
     assert tables.table_users(libc.key) == set()
+
+    now[0] += 59
+    tables.sweep()
+    assert tables.stats().idle_tables == idle.idle_tables  # not yet
+    now[0] += 2
+    tables.sweep()
+    assert tables.stats() == dataclasses.replace(
+        tables.stats(), tables=0, rows_used=0, processes=0, idle_tables=0
+    )
+
+
+def test_idle_tables_are_reused_without_parsing_and_make_room_when_needed(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    first = start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    tables = UnwindTables(maps)  # default: idle tables kept for a minute
+    loaded = tables.prepare(first)
+    written = maps.rows_written
+    tables.forget(first.pid)
+    assert tables.stats().idle_tables == tables.stats().tables > 0
+    second = start_sleeper(sleepers)  # the same binaries, run again
+    assert tables.prepare(second) == loaded
+    assert maps.rows_written == written  # reused: nothing parsed or written again
+    assert tables.stats().idle_tables == 0
+
+    # Rows are short: a binary that needs an idle table's rows evicts it, not refused.
+    libc_mapping = libc_of(first)
+    sleep_only = dataclasses.replace(
+        first, mappings=tuple(m for m in first.mappings if m.path == first.exe)
+    )
+    assert len(table_of(first.exe)) > 10
+    small = UnwindTables(MemoryMaps(len(table_of(libc_mapping.path)) + 10))
+    assert small.prepare(sleep_only) == 1
+    small.forget(first.pid)
+    assert small.stats().idle_tables == 1
+    assert small.prepare(dataclasses.replace(first, mappings=(libc_mapping,))) == 1
+    stats = small.stats()
+    assert stats.failed_binaries == 0 and stats.idle_tables == 0 and stats.tables == 1
 
 
 def test_new_process_under_the_same_pid_replaces_routes(
@@ -256,7 +298,7 @@ def test_new_process_under_the_same_pid_replaces_routes(
 ) -> None:
     info = start_sleeper(sleepers)
     maps = MemoryMaps(1_000_000)
-    tables = UnwindTables(maps)
+    tables = UnwindTables(maps, idle_seconds=0)  # freed at once
     tables.prepare(info)
     routed = set(maps.routes)
     only_libc = dataclasses.replace(info, mappings=(libc_of(info),))
@@ -335,7 +377,7 @@ def test_worker_prepares_in_the_background_and_sweeps_exited_processes(
 ) -> None:
     info = start_sleeper(sleepers)
     maps = MemoryMaps(1_000_000)
-    worker = UnwindWorker(UnwindTables(maps), sweep_seconds=0.05)
+    worker = UnwindWorker(UnwindTables(maps, idle_seconds=0), sweep_seconds=0.05)
     worker.start()
     try:
         worker.submit_pid(info.pid)
