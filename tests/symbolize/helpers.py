@@ -29,11 +29,12 @@ T = TypeVar("T")
 
 @contextmanager
 def running(argv: list[str], mapped: str, timeout: float = 30.0) -> Iterator[int]:
-    """Run argv until the block ends; yields its pid once `mapped` shows in its maps."""
+    """Run argv until the block ends; yields its pid once `mapped` has executable code
+    mapped (ld.so maps a library in steps: the whole file first, then its segments)."""
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
-        while mapped not in Path(f"/proc/{child.pid}/maps").read_text():
+        while not _maps_code_of(child.pid, mapped):
             if child.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{argv[0]} never mapped {mapped} (exit {child.poll()})")
             time.sleep(0.01)
@@ -41,6 +42,17 @@ def running(argv: list[str], mapped: str, timeout: float = 30.0) -> Iterator[int
     finally:
         child.kill()
         child.wait(timeout=timeout)
+
+
+def _maps_code_of(pid: int, path: str) -> bool:
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    return any(
+        line.endswith(path) and line.split()[1].startswith("r-x") and " " + path in line
+        for line in lines
+    )
 
 
 def exited_pid() -> int:
