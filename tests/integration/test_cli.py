@@ -243,7 +243,15 @@ def test_sighup_reloads_relabel_configs_and_survives_a_bad_config(
             "    replacement: profiling\n"
         )
         agent.send_signal(signal.SIGHUP)
-        wait_for(lambda: any(labels.get("team") == "profiling" for labels in sidecar_labels(store)))
+        # Something on CPU after the reload, so the next windows have samples to label.
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            wait_for(
+                lambda: any(labels.get("team") == "profiling" for labels in sidecar_labels(store))
+            )
+        finally:
+            busy.kill()
+            busy.wait()
         agent.send_signal(signal.SIGTERM)
         _, stderr = agent.communicate(timeout=60)
     finally:
