@@ -139,10 +139,5 @@ def distinct_pids(events: Iterable[PidEvent]) -> list[int]:
     return list(dict.fromkeys(event.pid for event in events))
 
 
-def swap_bytes(value: int, size: int) -> int:
-    """The integer whose little-endian bytes are value's big-endian bytes."""
-    return int.from_bytes(value.to_bytes(size, "big"), "little")
-
-
 def fill_ratio(entries: int, capacity: int) -> float:
     return entries / capacity if capacity > 0 else 0.0

@@ -152,6 +152,8 @@ class SamplerProgram:
             else self._stacks
         )
         self.user_stacks_capacity = self._user_stacks[0].max_entries
+        # Looked up once: a per-CPU BpfMap reads the CPU count from /sys when made.
+        self._unwind_stats = compiled.map("unwind_stats") if unwind_rows else None
         self._control = _checked(compiled.map("control"), U32.size, U32.size)
         self._lost = _checked(compiled.map("lost"), U32.size, U64.size)
         self._ring: RingBuffer | None = None
@@ -222,9 +224,9 @@ class SamplerProgram:
 
     def read_unwind_stats(self) -> tuple[int, ...]:
         """Cumulative walker counters (summed over CPUs), in UNWIND_STATS order."""
-        if not self.table_unwinding:
+        if self._unwind_stats is None:
             return (0,) * len(UNWIND_STATS)
-        return _percpu_sums(self._compiled.map("unwind_stats"), len(UNWIND_STATS))
+        return _percpu_sums(self._unwind_stats, len(UNWIND_STATS))
 
     def write_unwind_rows(self, first_row: int, packed_rows: bytes) -> None:
         """Write packed rows (8 bytes each) at first_row of the global rows array."""

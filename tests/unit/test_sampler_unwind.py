@@ -16,11 +16,11 @@ from agent.sampler.convert import (
     RawCount,
     distinct_pids,
     new_pids,
-    swap_bytes,
     to_stack_samples,
 )
-from agent.sampler.loader import bpf_source_path
+from agent.sampler.loader import _mapping_key, bpf_source_path
 from agent.sampler.sampler import Sampler
+from agent.unwind.mappings import Prefix
 from agent.unwind.table import CfaKind
 
 COMM = b"app\0" + b"\0" * 12
@@ -88,10 +88,10 @@ def test_user_stack_hashes_resolve_in_their_own_map() -> None:
     ]
 
 
-def test_swap_bytes_makes_big_endian_keys() -> None:
-    assert swap_bytes(0x01020304, 4) == 0x04030201
-    assert swap_bytes(0x7F0000001000, 8).to_bytes(8, "little") == (0x7F0000001000).to_bytes(
-        8, "big"
+def test_mapping_keys_are_big_endian_after_a_native_prefix_length() -> None:
+    key = _mapping_key(0x01020304, Prefix(0x7F0000001000, 20))
+    assert key == (52).to_bytes(4, "little") + bytes.fromhex("01020304") + bytes.fromhex(
+        "00007f0000001000"
     )
 
 
