@@ -120,7 +120,7 @@ class Labeler:
         self.kubernetes = kubernetes
         self.proc = proc
         self.max_processes = max_processes
-        self._entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int, str, str], _Entry] = OrderedDict()
 
     def discovery_labels(self, process: ProcessInfo) -> dict[str, str]:
         """All `__meta_*` labels (plus `node`) of the process; absent ones are omitted."""
@@ -153,13 +153,9 @@ class Labeler:
         for entry in self._entries.values():
             entry.final = False
 
-    def forget(self, pid: int, start_time: int) -> None:
-        """Drop a process that exited (optional: the cache is bounded anyway)."""
-        self._entries.pop((pid, start_time), None)
-        metrics.LABEL_CACHE_SIZE.set(len(self._entries))
-
     def _entry(self, process: ProcessInfo) -> _Entry:
-        key = (process.pid, process.start_time)
+        # exe and comm too: an exec keeps pid and start time but changes both.
+        key = (process.pid, process.start_time, process.exe, process.comm)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)

@@ -81,11 +81,12 @@ class ProcessCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def capture(self, pid: int) -> ProcessInfo | None:
+    def capture(self, pid: int, reread: bool = False) -> ProcessInfo | None:
         """Read pid unless it is already known with the same start time.
 
-        When the process is gone, the last capture (if any) is returned: it is the
-        best knowledge of what ran under this pid.
+        `reread` reads it again anyway: after an exec the start time is unchanged but
+        the image is new. When the process is gone, the last capture (if any) is
+        returned: it is the best knowledge of what ran under this pid.
         """
         with self._lock:
             entry = self._entries.get(pid)
@@ -96,7 +97,7 @@ class ProcessCache:
                     PROCESS_READ_ERRORS.labels(reason=error_reason(exc)).inc()
                     return None
                 return entry.info
-            if entry is not None and entry.info.start_time == start_time:
+            if entry is not None and entry.info.start_time == start_time and not reread:
                 self._entries.move_to_end(pid)
                 return entry.info
             info = read_process(pid, self._proc)

@@ -1,6 +1,6 @@
 """Sampling stage: on-CPU stacks from a BPF perf_event program, drained per window.
 
-Public interface: `Sampler` (start / poll_new_pids / drain / close) and the kernel
+Public interface: `Sampler` (start / poll_new_processes / drain / close) and the kernel
 header lookup it relies on. bcc is imported only by `agent.sampler.loader`.
 """
 

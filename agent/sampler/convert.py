@@ -129,9 +129,24 @@ def lost_deltas(previous: Sequence[int], current: Sequence[int]) -> dict[str, in
     }
 
 
-def new_pids(events: Iterable[PidEvent]) -> list[int]:
+@dataclass(frozen=True)
+class NewProcess:
+    """A pid to read from /proc now: first sampled, or running a new image."""
+
+    pid: int
+    # After an exec the pid and start time stay the same but every mapping changed,
+    # so an earlier capture (say, of a vfork child before its exec) is stale.
+    after_exec: bool
+
+
+def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
     """Distinct pids first sampled or exec'd, in the order they first appear."""
-    return distinct_pids(e for e in events if e.kind in (EVENT_FIRST_SAMPLE, EVENT_EXEC))
+    events = list(events)
+    execed = {e.pid for e in events if e.kind == EVENT_EXEC}
+    return [
+        NewProcess(pid, pid in execed)
+        for pid in distinct_pids(e for e in events if e.kind in (EVENT_FIRST_SAMPLE, EVENT_EXEC))
+    ]
 
 
 def distinct_pids(events: Iterable[PidEvent]) -> list[int]:

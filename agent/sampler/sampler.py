@@ -3,7 +3,7 @@
     with Sampler(frequency=19) as sampler:
         sampler.start()
         while running:
-            for pid in sampler.poll_new_pids(timeout_ms=100):
+            for new in sampler.poll_new_processes(timeout_ms=100):
                 ...  # read /proc/PID/maps now, before the process can exit
             window = sampler.drain()  # every N seconds
 
@@ -16,7 +16,7 @@ User stacks (`unwinder`):
     dwarf  tables from .eh_frame/.debug_frame walked in BPF, frame-pointer steps where
            no table covers an address; refuses to start if the kernel rejects the walker.
     auto   dwarf when the kernel accepts the walker, else fp (with a warning).
-With tables, the pids that poll_new_pids sees (first sample, exec, and code the walker
+With tables, the pids that poll_new_processes sees (first sample, exec, and code the walker
 found no table for) go to a worker thread that reads their mappings and builds and
 loads their binaries' tables; until then their stacks use frame pointers.
 """
@@ -34,11 +34,12 @@ from agent.sampler.convert import (
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
     UNWIND_STATS,
+    NewProcess,
     distinct_pids,
     entries_of_slot,
     fill_ratio,
     lost_deltas,
-    new_pids,
+    new_processes,
     to_stack_samples,
 )
 from agent.sampler.kernel_headers import find_kernel_headers
@@ -152,7 +153,7 @@ class Sampler:
         return self._unwind_worker.tables if self._unwind_worker else None
 
     def prepare_unwind(self, process: ProcessInfo) -> None:
-        """Queue a process for its unwind tables (poll_new_pids already does this for
+        """Queue a process for its unwind tables (poll_new_processes already does this for
         the pids it reports); never blocks; no-op without tables."""
         if self._unwind_worker is not None:
             self._unwind_worker.submit_pid(process.pid)
@@ -173,7 +174,7 @@ class Sampler:
             for name, now, before in zip(UNWIND_STATS, current, previous, strict=True)
         }
 
-    def poll_new_pids(self, timeout_ms: int = 0) -> list[int]:
+    def poll_new_processes(self, timeout_ms: int = 0) -> list[NewProcess]:
         """Pids sampled for the first time or exec'd since the last call (deduplicated).
 
         Waits up to `timeout_ms` when there is nothing yet; 0 does not wait.
@@ -184,7 +185,7 @@ class Sampler:
         if self._unwind_worker is not None:  # tables for new code, read from /proc there
             for pid in distinct_pids(events):
                 self._unwind_worker.submit_pid(pid)
-        return new_pids(events)
+        return new_processes(events)
 
     def drain(self) -> Window:
         """Everything sampled since the last drain (or start), as one Window."""

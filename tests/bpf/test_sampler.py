@@ -25,7 +25,7 @@ from elftools.elf.sections import SymbolTableSection
 from agent.model import StackSample, Window
 from agent.sampler import Sampler
 from agent.sampler.bpf_syscalls import enable_run_time_stats
-from agent.sampler.convert import SAMPLE_LOSS_REASONS
+from agent.sampler.convert import SAMPLE_LOSS_REASONS, NewProcess
 from agent.sampler.kernel_headers import running_kernel_headers
 
 FREQUENCY = 99
@@ -61,7 +61,7 @@ def _shared_sampler(request: pytest.FixtureRequest) -> Iterator[_LazySampler]:
 def sampler(require_bpf: None, _shared_sampler: _LazySampler) -> Sampler:
     shared = _shared_sampler.get()
     shared.drain()  # start from an empty window
-    shared.poll_new_pids()
+    shared.poll_new_processes()
     return shared
 
 
@@ -211,15 +211,18 @@ def test_drains_split_samples_between_windows_without_double_counting(
         assert later.start_ns == earlier.end_ns  # windows tile time
 
 
-def test_poll_new_pids_reports_short_lived_exec(
+def test_poll_new_processes_reports_short_lived_exec(
     sampler: Sampler, c_binaries: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     proc = subprocess.Popen([str(c_binaries / "spin_pie"), "0.3"])
     processes.append(proc)
-    assert proc.pid in poll_until(sampler, proc.pid)
+    announced = poll_until(sampler, proc.pid)
+    # The exec is reported as such, so the process cache reads the new image even
+    # when it captured the forked child before its exec.
+    assert NewProcess(proc.pid, after_exec=True) in announced
 
 
-def test_poll_new_pids_reports_forked_child_on_first_sample(
+def test_poll_new_processes_reports_forked_child_on_first_sample(
     sampler: Sampler, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     # The child never execs: only its first sample can announce it.
@@ -237,14 +240,14 @@ def test_poll_new_pids_reports_forked_child_on_first_sample(
     processes.append(proc)
     assert proc.stdout is not None
     child = int(proc.stdout.readline())
-    assert child in poll_until(sampler, child)
+    assert NewProcess(child, after_exec=False) in poll_until(sampler, child)
 
 
-def poll_until(sampler: Sampler, pid: int, timeout: float = 10) -> list[int]:
-    seen: list[int] = []
+def poll_until(sampler: Sampler, pid: int, timeout: float = 10) -> list[NewProcess]:
+    seen: list[NewProcess] = []
     deadline = time.monotonic() + timeout
-    while pid not in seen and time.monotonic() < deadline:
-        seen += sampler.poll_new_pids(timeout_ms=100)
+    while pid not in {new.pid for new in seen} and time.monotonic() < deadline:
+        seen += sampler.poll_new_processes(timeout_ms=100)
     return seen
 
 
@@ -261,13 +264,13 @@ def test_pid_filter_sees_only_that_pid(
         while sum(s.count for s in samples) <= 10 and time.monotonic() < deadline:
             time.sleep(0.5)
             samples += filtered.drain().samples
-        announced = filtered.poll_new_pids()
+        announced = {new.pid for new in filtered.poll_new_processes()}
     assert {s.pid for s in samples} == {target.pid}
     assert sum(s.count for s in samples) > 10
-    assert set(announced) <= {target.pid}
+    assert announced <= {target.pid}
     # Closed by the with block: closing again is fine, draining is refused.
     filtered.close()
-    assert filtered.poll_new_pids() == []
+    assert filtered.poll_new_processes() == []
     with pytest.raises(RuntimeError):
         filtered.drain()
 
@@ -276,7 +279,7 @@ def test_unstarted_sampler_refuses_drain_and_closes() -> None:
     sampler = Sampler(frequency=FREQUENCY)
     with pytest.raises(RuntimeError):
         sampler.drain()
-    assert sampler.poll_new_pids() == []
+    assert sampler.poll_new_processes() == []
     sampler.close()
 
 

@@ -282,7 +282,7 @@ def test_code_loaded_later_gets_its_table_from_an_unknown_mapping_event(
         info = read_process(proc.pid)
     # Handle pending pid events (this exec among them) first, so that only the
     # walker's unknown-mapping event can bring the library's table.
-    dwarf.poll_new_pids()
+    dwarf.poll_new_processes()
     assert dwarf.wait_unwind_ready(timeout=120)
     tables = dwarf.unwind_tables
     assert tables is not None and tables.prepare(info) >= 2  # before the library is loaded
@@ -300,7 +300,7 @@ def test_code_loaded_later_gets_its_table_from_an_unknown_mapping_event(
     deadline = time.monotonic() + 60
     reached: list[float] = []
     while time.monotonic() < deadline and (not reached or reached[-1] < 0.9):
-        dwarf.poll_new_pids(timeout_ms=200)  # hands the unknown-mapping event to the worker
+        dwarf.poll_new_processes(timeout_ms=200)  # hands the unknown-mapping event to the worker
         dwarf.wait_unwind_ready(timeout=60)
         samples = [s for s in dwarf.drain().samples if s.pid == proc.pid]
         if samples:

@@ -123,6 +123,19 @@ def test_reused_and_vanished_pids_get_no_cgroup_labels(tmp_path: Path) -> None:
     assert labeler.series_labels(gone) == (("comm", "gone"), ("node", NODE))
 
 
+def test_an_exec_gets_the_new_images_labels(tmp_path: Path) -> None:
+    labeler = Labeler(NODE, proc=tmp_path)
+    shell = fake_process(tmp_path, 12, 500, "0::/\n", "sh")
+    assert labeler.discovery_labels(shell)["__meta_process_executable"] == "/usr/local/bin/sh"
+    # Same pid and start time after the exec; the reread ProcessInfo has a new image.
+    envoy = ProcessInfo(12, 500, "envoy", "/usr/local/bin/envoy", ())
+    labels = labeler.discovery_labels(envoy)
+    assert (labels["__meta_process_comm"], labels["__meta_process_executable"]) == (
+        "envoy",
+        "/usr/local/bin/envoy",
+    )
+
+
 def test_relabel_drop_and_custom_rules(tmp_path: Path) -> None:
     configs = parse_relabel_configs(
         [

@@ -8,15 +8,19 @@ one of their samples must still come out symbolized with the test binary's funct
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from agent.model import StackSample
+from agent.model import StackSample, Window
 from agent.process.cache import ProcessCache
 from agent.sampler import Sampler
 from agent.symbolize.background import BackgroundIndexer
@@ -45,19 +49,28 @@ def capture_until(
     stop: threading.Event, sampler: Sampler, processes: ProcessCache, indexer: BackgroundIndexer
 ) -> None:
     while not stop.is_set():
-        for pid in sampler.poll_new_pids(timeout_ms=50):
-            process = processes.capture(pid)
+        for new in sampler.poll_new_processes(timeout_ms=50):
+            process = processes.capture(new.pid, reread=new.after_exec)
             if process is not None:
                 indexer.watch(process)
 
 
-def test_short_lived_processes_are_fully_symbolized(
-    require_bpf: None, c_binaries: Path, tmp_path: Path
-) -> None:
-    binary = c_binaries / "spin_pie"
+@dataclass
+class Captured:
+    """What the agent's composition knew after the runs: the window and its process cache."""
+
+    pids: list[int]
+    window: Window
+    processes: ProcessCache
+    symbolizer: Symbolizer
+
+
+@contextmanager
+def sample_runs(commands: list[list[str]], cache_dir: Path) -> Iterator[Captured]:
+    """Run each command to its end while sampling; drain once they have all exited."""
     sampler = Sampler(frequency=99)
     processes = ProcessCache()
-    symbolizer = Symbolizer(cache_dir=tmp_path)
+    symbolizer = Symbolizer(cache_dir=cache_dir)
     indexer = BackgroundIndexer(symbolizer, interval=0.5)
     stop = threading.Event()
     capturer = threading.Thread(
@@ -69,8 +82,8 @@ def test_short_lived_processes_are_fully_symbolized(
         sampler.drain()
         indexer.start()
         capturer.start()
-        for _ in range(RUNS):
-            child = subprocess.Popen([str(binary), SECONDS])
+        for command in commands:
+            child = subprocess.Popen(command)
             pids.append(child.pid)
             assert child.wait(timeout=60) == 0
         stop.set()
@@ -80,29 +93,72 @@ def test_short_lived_processes_are_fully_symbolized(
         stop.set()
         indexer.stop()
         sampler.close()
+    try:
+        yield Captured(pids, window, processes, symbolizer)
+    finally:
+        symbolizer.close()
+
+
+def samples_by_pid(captured: Captured) -> dict[int, list[StackSample]]:
     ours: dict[int, list[StackSample]] = defaultdict(list)
-    for sample in window.samples:
-        if sample.pid in pids:
+    for sample in captured.window.samples:
+        if sample.pid in captured.pids:
             ours[sample.pid].append(sample)
-    assert set(ours) == set(pids), f"samples for {len(ours)} of {RUNS} processes"
-    own_functions = defined_functions(binary)
-    assert own_functions >= BINARY_FUNCTIONS
-    in_binary = total = 0
-    for pid, samples in ours.items():
-        process = processes.get(pid)
-        assert process is not None, f"{pid} was never captured"
-        functions_seen: set[str] = set()
-        for sample in samples:
-            locations = symbolizer.symbolize(process, sample.user_stack, sample.kernel_stack)
-            for location in locations:
-                if location.mapping is not None and location.mapping.path == str(binary):
-                    assert location.frames, f"unnamed frame {location.address:#x} in {pid}"
-                    assert location.frames[0].function in own_functions, location
-            functions = {f.function for loc in locations for f in loc.frames}
-            functions_seen |= functions
-            in_binary += sample.count * bool(functions & BINARY_FUNCTIONS)
-            total += sample.count
-        assert "inner_spin" in functions_seen, f"{pid}: {sorted(functions_seen)}"
+    return ours
+
+
+def test_short_lived_processes_are_fully_symbolized(
+    require_bpf: None, c_binaries: Path, tmp_path: Path
+) -> None:
+    binary = c_binaries / "spin_pie"
+    with sample_runs([[str(binary), SECONDS]] * RUNS, tmp_path) as captured:
+        ours = samples_by_pid(captured)
+        assert set(ours) == set(captured.pids), f"samples for {len(ours)} of {RUNS} processes"
+        own_functions = defined_functions(binary)
+        assert own_functions >= BINARY_FUNCTIONS
+        in_binary = total = 0
+        for pid, samples in ours.items():
+            process = captured.processes.get(pid)
+            assert process is not None, f"{pid} was never captured"
+            functions_seen: set[str] = set()
+            for sample in samples:
+                locations = captured.symbolizer.symbolize(
+                    process, sample.user_stack, sample.kernel_stack
+                )
+                for location in locations:
+                    if location.mapping is not None and location.mapping.path == str(binary):
+                        assert location.frames, f"unnamed frame {location.address:#x} in {pid}"
+                        assert location.frames[0].function in own_functions, location
+                functions = {f.function for loc in locations for f in loc.frames}
+                functions_seen |= functions
+                in_binary += sample.count * bool(functions & BINARY_FUNCTIONS)
+                total += sample.count
+            assert "inner_spin" in functions_seen, f"{pid}: {sorted(functions_seen)}"
     # Nearly all the time is spent under main; a few samples land in ld.so, exec or exit.
     assert in_binary >= 0.8 * total, f"{in_binary} of {total} samples under main"
-    symbolizer.close()
+
+
+def test_a_process_that_execs_after_running_is_read_again(
+    require_bpf: None, c_binaries: Path, tmp_path: Path
+) -> None:
+    # Python runs (and is sampled and captured) for 0.5 CPU seconds, then execs the
+    # spinner under the same pid and start time; only the exec event says the image
+    # changed, and the spinner exits before any drain could refresh it.
+    binary = str(c_binaries / "spin_pie")
+    script = (
+        "import os, time\n"
+        "end = time.process_time() + 0.5\n"
+        "while time.process_time() < end: pass\n"
+        f"os.execv({binary!r}, [{binary!r}, {SECONDS!r}])\n"
+    )
+    with sample_runs([[sys.executable, "-c", script]], tmp_path) as captured:
+        (pid,) = captured.pids
+        process = captured.processes.get(pid)
+        assert process is not None and process.exe == binary
+        functions: set[str] = set()
+        for sample in samples_by_pid(captured)[pid]:
+            locations = captured.symbolizer.symbolize(
+                process, sample.user_stack, sample.kernel_stack
+            )
+            functions |= {f.function for loc in locations for f in loc.frames}
+        assert "inner_spin" in functions, sorted(functions)

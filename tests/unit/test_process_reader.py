@@ -94,6 +94,20 @@ def test_cache_rereads_a_reused_pid(tmp_path: Path) -> None:
     assert (info.comm, info.start_time, info.mappings[0].path) == ("b", 250, "/bin/b")
 
 
+def test_cache_rereads_after_an_exec_only_when_asked(tmp_path: Path) -> None:
+    # A vfork child sampled before its exec was captured with its parent's image; the
+    # exec keeps pid and start time, so only the exec event can say the image changed.
+    fake_proc(tmp_path, 7, 100, "python3", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    before = cache.capture(7)
+    fake_proc(tmp_path, 7, 100, "b", MAPS_B)
+    assert cache.capture(7) is before
+    after = cache.capture(7, reread=True)
+    assert after is not None and after is not before
+    assert (after.comm, after.mappings[0].path) == ("b", "/bin/b")
+    assert cache.get(7) is after
+
+
 def test_exited_process_is_kept_until_a_window_used_it(tmp_path: Path) -> None:
     fake_proc(tmp_path, 7, 100, "a", MAPS_A)
     cache = ProcessCache(proc=tmp_path, grace_windows=2)

@@ -8,13 +8,14 @@ from agent.sampler.convert import (
     EVENT_FIRST_SAMPLE,
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
+    NewProcess,
     PidEvent,
     RawCount,
     decode_comm,
     entries_of_slot,
     fill_ratio,
     lost_deltas,
-    new_pids,
+    new_processes,
     stack_addresses,
     to_stack_samples,
 )
@@ -133,15 +134,19 @@ def test_loss_reasons_match_the_bpf_enum() -> None:
     assert "pid_event_dropped" not in SAMPLE_LOSS_REASONS
 
 
-def test_new_pids_dedupe_in_order() -> None:
+def test_new_processes_dedupe_in_order_and_mark_execs() -> None:
     events = [
         PidEvent(5, EVENT_EXEC),
         PidEvent(3, EVENT_FIRST_SAMPLE),
         PidEvent(5, EVENT_FIRST_SAMPLE),
         PidEvent(9, EVENT_EXEC),
     ]
-    assert new_pids(events) == [5, 3, 9]
-    assert new_pids([]) == []
+    assert new_processes(events) == [
+        NewProcess(5, after_exec=True),
+        NewProcess(3, after_exec=False),
+        NewProcess(9, after_exec=True),
+    ]
+    assert new_processes([]) == []
 
 
 def test_fill_ratio() -> None:

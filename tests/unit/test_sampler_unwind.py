@@ -15,7 +15,7 @@ from agent.sampler.convert import (
     PidEvent,
     RawCount,
     distinct_pids,
-    new_pids,
+    new_processes,
     to_stack_samples,
 )
 from agent.sampler.loader import _mapping_key, bpf_source_path
@@ -63,7 +63,7 @@ def test_unknown_mapping_events_refresh_tables_but_are_not_new_processes() -> No
         PidEvent(4, EVENT_UNKNOWN_MAPPING),
         PidEvent(6, EVENT_EXEC),
     ]
-    assert new_pids(events) == [5, 6]
+    assert [new.pid for new in new_processes(events)] == [5, 6]
     assert distinct_pids(events) == [4, 5, 6]
 
 
