@@ -79,6 +79,8 @@ class Pipeline:
 
     def end_window(self) -> None:
         self.processes.end_window()
+        self.labeler.end_window()
+        self.symbolizer.end_window()
         self.guard.start_window()
         if self.indexer is not None:
             self.indexer.wake()

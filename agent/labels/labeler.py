@@ -25,6 +25,7 @@ from agent import metrics
 from agent.labels.cgroup import CgroupInfo, parse_cgroup
 from agent.labels.kubernetes import PodMetadata, PodMetadataSource
 from agent.labels.relabel import DEFAULT_RELABEL_CONFIGS, RelabelConfig, relabel, series_labels
+from agent.lru import idle_keys
 from agent.model import ProcessInfo
 
 Labels = tuple[tuple[str, str], ...]
@@ -90,12 +91,17 @@ def _start_time(stat_path: Path) -> int:
     return int(fields_after_comm[19])  # field 22 overall; field 3 is the first here
 
 
+def _last_window(entry: _Entry) -> int:
+    return entry.window
+
+
 @dataclass
 class _Entry:
     cgroup: CgroupInfo
     base: dict[str, str]
     series: Labels | None = None
     final: bool = False  # series is settled (no pod metadata still to wait for)
+    window: int = 0  # the last window that used it
 
 
 class Labeler:
@@ -112,6 +118,7 @@ class Labeler:
         kubernetes: PodMetadataSource | None = None,
         proc: Path = Path("/proc"),
         max_processes: int = 16384,
+        idle_windows: int = 2,
     ) -> None:
         self.node_name = node_name
         self.relabel_configs = tuple(
@@ -120,6 +127,10 @@ class Labeler:
         self.kubernetes = kubernetes
         self.proc = proc
         self.max_processes = max_processes
+        # Entries unused this many windows are dropped: under churn the cache holds the
+        # processes that ran lately; one that runs again costs one /proc read.
+        self.idle_windows = idle_windows
+        self._window = 0
         self._entries: OrderedDict[tuple[int, int, str, str], _Entry] = OrderedDict()
 
     def discovery_labels(self, process: ProcessInfo) -> dict[str, str]:
@@ -159,14 +170,22 @@ class Labeler:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+            entry.window = self._window
             return entry
         cgroup = read_cgroup(self.proc, process.pid, process.start_time)
-        entry = _Entry(cgroup, process_labels(process, cgroup, self.node_name))
+        entry = _Entry(cgroup, process_labels(process, cgroup, self.node_name), window=self._window)
         self._entries[key] = entry
         while len(self._entries) > self.max_processes:
             self._entries.popitem(last=False)
         metrics.LABEL_CACHE_SIZE.set(len(self._entries))
         return entry
+
+    def end_window(self) -> None:
+        """Drop the entries of processes no sample used in the last idle_windows windows."""
+        self._window += 1
+        for key in idle_keys(self._entries, _last_window, self._window - self.idle_windows):
+            del self._entries[key]
+        metrics.LABEL_CACHE_SIZE.set(len(self._entries))
 
     def _settled(self, cgroup: CgroupInfo, pod: PodMetadata | None) -> bool:
         """Whether the series labels can be cached for good.

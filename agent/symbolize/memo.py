@@ -9,6 +9,10 @@ A memoized Location is reused until what it was made from changes: the binary go
 DWARF index or was evicted (the symbolizer then calls forget_binary), or the budget of
 memoized Locations ran out (all are dropped). JIT frames (perf maps grow) and files
 that failed to open (retried later) are never memoized.
+
+A space no stack used for IDLE_WINDOWS windows is dropped at the end of a window: under
+process churn, memory follows the processes that ran lately, not every process seen.
+An idle process that runs again gets a new space; its binaries' indexes stay cached.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
+from agent.lru import idle_keys
 from agent.metrics import FRAMES
 from agent.model import Location, Mapping
 from agent.process.mapindex import MappingIndex
 
 MAX_SPACES = 4096  # processes (the process cache holds as many by default)
 MAX_LOCATIONS = 1 << 17  # memoized Locations in all spaces (~240 bytes each: <= ~30 MiB)
+IDLE_WINDOWS = 2
 
 # Frame outcomes, counted in a plain list per symbolize() call and added to
 # strobe_symbolize_frames once per call: a labels().inc() per frame cost ~20% of a window.
@@ -59,6 +65,7 @@ def _frames_counter(kind: str, result: str) -> Counter:
 
 
 _frames_of = operator.attrgetter("frames")
+_last_window = operator.attrgetter("window")
 
 
 def memoized(
@@ -85,7 +92,7 @@ def unnamed(locations: Sequence[Location]) -> int:
 class AddressSpace:
     """One tuple of mappings: its index and the Locations memoized in it."""
 
-    __slots__ = ("binaries", "first", "index", "returns", "used")
+    __slots__ = ("binaries", "first", "index", "returns", "used", "window")
 
     def __init__(self, mappings: tuple[Mapping, ...]) -> None:
         self.index = MappingIndex(mappings)
@@ -93,14 +100,22 @@ class AddressSpace:
         self.returns: dict[int, Location] = {}  # return addresses, looked up at address - 1
         self.binaries: set[str] = set()  # keys of the binaries the Locations came from
         self.used = False  # since the symbolizer last asked (binaries' LRU order)
+        self.window = 0  # the last window that used it
 
 
 class AddressSpaces:
     """AddressSpaces by mappings tuple (identity), least recently used out. Thread-safe."""
 
-    def __init__(self, max_spaces: int = MAX_SPACES, max_locations: int = MAX_LOCATIONS) -> None:
+    def __init__(
+        self,
+        max_spaces: int = MAX_SPACES,
+        max_locations: int = MAX_LOCATIONS,
+        idle_windows: int = IDLE_WINDOWS,
+    ) -> None:
         self._max_spaces = max_spaces
         self._max_locations = max_locations
+        self._idle_windows = idle_windows
+        self._window = 0
         self._spaces: OrderedDict[int, AddressSpace] = OrderedDict()
         self._locations = 0  # memoized in the spaces held
         self._lock = threading.Lock()
@@ -120,7 +135,17 @@ class AddressSpaces:
             else:
                 self._spaces.move_to_end(key)
             space.used = True
+            space.window = self._window
         return space
+
+    def end_window(self) -> int:
+        """Drop the spaces no stack used in the last idle_windows windows; how many."""
+        with self._lock:
+            self._window += 1
+            idle = idle_keys(self._spaces, _last_window, self._window - self._idle_windows)
+            for key in idle:
+                self._drop(key)
+            return len(idle)
 
     def remember(
         self, space: AddressSpace, return_address: bool, address: int, location: Location

@@ -146,6 +146,10 @@ class Symbolizer:
         """What DWARF indexing did: built, loaded from disk, failed (by reason)."""
         return self._builder.stats
 
+    def end_window(self) -> None:
+        """After a window is built: forget the memo of processes that stopped running."""
+        self._spaces.end_window()
+
     def close(self) -> None:
         """Stop downloads and remove a private temporary cache. Idempotent."""
         if self._debuginfod is not None:

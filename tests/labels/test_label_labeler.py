@@ -164,6 +164,19 @@ def test_cache_is_bounded(tmp_path: Path) -> None:
     assert labeler.discovery_labels(processes[0])["__meta_process_comm"] == "p1"
 
 
+def test_entries_unused_for_idle_windows_are_dropped(tmp_path: Path) -> None:
+    labeler = Labeler(NODE, proc=tmp_path, idle_windows=2)
+    busy = fake_process(tmp_path, 1, 1, "0::/\n", "busy")
+    gone = fake_process(tmp_path, 2, 1, "0::/system.slice/gone.service\n", "gone")
+    labeler.series_labels(gone)
+    for _ in range(3):
+        labeler.series_labels(busy)
+        labeler.end_window()
+    assert REGISTRY.get_sample_value("strobe_label_cache_entries") == 1.0
+    # Not lost: a process that runs again is read again.
+    assert ("systemd_unit", "gone.service") in (labeler.series_labels(gone) or ())
+
+
 @pytest.mark.parametrize(
     ("name", "sanitized"),
     [("app.kubernetes.io/name", "app_kubernetes_io_name"), ("tier", "tier"), ("a-b", "a_b")],

@@ -221,3 +221,18 @@ def test_address_spaces_are_bounded() -> None:
     assert len(spaces) == 2
     spaces.remember(space, True, 9, Location(9, None))  # over the budget: all dropped
     assert len(spaces) == 0
+
+
+def test_spaces_no_window_used_lately_are_dropped() -> None:
+    spaces = AddressSpaces(idle_windows=2)
+    busy, idle = [(Mapping(i, i + 1, 0, f"/lib/{i}"),) for i in range(2)]
+    idle_space = spaces.get(idle)
+    spaces.remember(idle_space, False, 1, Location(1, None))
+    busy_space = spaces.get(busy)
+    assert spaces.end_window() == 0  # both used in the window that just ended
+    spaces.get(busy)
+    assert spaces.end_window() == 0  # idle was used one window ago: still kept
+    assert spaces.get(busy) is busy_space
+    assert spaces.end_window() == 1  # idle: unused for two windows
+    assert len(spaces) == 1 and spaces.get(busy) is busy_space
+    assert spaces.get(idle) is not idle_space  # a new, empty space if it runs again
