@@ -27,9 +27,9 @@ from agent.pprof.builder import build_pprof
 from agent.pull import PullEndpoint
 from agent.reload import LiveParts, Reloader
 from agent.session import profile_samples, window_profiles
-from agent.sinks import Sink
+from agent.sinks import Sink, remote
 from agent.sinks.local_store import LocalStore
-from agent.sinks.remote import RemoteSink, RemoteStoreConfig
+from agent.sinks.remote import RemoteStoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_sinks(config: Config) -> list[Sink]:
         )
     if config.remote_store_address:
         try:
-            sinks.append(RemoteSink(remote_store_config(config)))
+            sinks.append(remote.RemoteSink(remote_store_config(config)))  # imports grpc
         except ValueError as exc:  # unreadable TLS file, unusable spool dir
             raise ConfigError(f"remote_store: {exc}") from None
     return sinks

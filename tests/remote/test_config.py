@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -91,3 +93,21 @@ def test_unusable_spool_dir_is_named_at_start(tmp_path):
         RemoteSink(
             RemoteStoreConfig(address="127.0.0.1:7070", insecure=True, spool_dir=str(blocker / "s"))
         )
+
+
+def test_grpc_is_loaded_only_when_a_remote_store_is_configured(tmp_path):
+    # grpc costs ~19 MiB of RSS; the default agent (local store only) must not import it.
+    script = (
+        "import sys\n"
+        "from agent.config import Config\n"
+        "from agent.daemon import build_sinks\n"
+        f"build_sinks(Config().with_values(local_store={str(tmp_path / 'store')!r}))\n"
+        "print('grpc' in sys.modules)\n"
+        f"build_sinks(Config().with_values(local_store={str(tmp_path / 'store')!r}, "
+        "remote_store_address='127.0.0.1:7070', remote_store_insecure=True))\n"
+        "print('grpc' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "True"], result.stderr
