@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agent.config import Config, ConfigError
@@ -56,7 +57,12 @@ class Pipeline:
     def start(self) -> None:
         if self.indexer is not None:
             self.indexer.start()
-        self.sampler.start()
+        # Reading and packing /proc/kallsyms takes ~0.4 s: do it while the sampler's
+        # compile child works (this thread mostly waits on the child's socket meanwhile).
+        with ThreadPoolExecutor(1, thread_name_prefix="kallsyms") as pool:
+            kallsyms = pool.submit(Kallsyms.load)
+            self.sampler.start()
+            self.symbolizer.use_kallsyms(kallsyms.result())
 
     def capture_new_processes(self, timeout_ms: int) -> None:
         """Read /proc for processes the kernel just saw, before they can exit."""
@@ -109,7 +115,7 @@ def build_pipeline(
     config: Config, pid: int | None = None, background_indexing: bool = True
 ) -> Pipeline:
     processes = ProcessCache()
-    symbolizer = Symbolizer.from_config(config, kallsyms=Kallsyms.load())
+    symbolizer = Symbolizer.from_config(config)  # kallsyms: loaded by Pipeline.start()
     pod_watcher = start_pod_watcher(config)
     labeler = Labeler(config.resolved_node_name, config.relabel_configs, kubernetes=pod_watcher)
     guard = CardinalityGuard(config.max_series_per_window)

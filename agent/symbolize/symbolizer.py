@@ -118,7 +118,7 @@ class Symbolizer:
         self._waker: Callable[[], None] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, kallsyms: Kallsyms | None = None) -> Symbolizer:
+    def from_config(cls, config: Config) -> Symbolizer:
         """The agent's symbolizer: cache_dir, symbol_cache_max_bytes, debuginfod_urls.
 
         An unusable cache directory (read-only, not ours) falls back to a private
@@ -131,7 +131,6 @@ class Symbolizer:
             log.warning("symbol cache: cannot use %s (%s); indexes last one run", cache_dir, exc)
             cache_dir = None
         return cls(
-            kallsyms=kallsyms,
             cache_dir=cache_dir,
             symbol_cache_max_bytes=config.symbol_cache_max_bytes,
             debuginfod_urls=urls_from(config.debuginfod_urls),
@@ -145,6 +144,10 @@ class Symbolizer:
     def stats(self) -> BuildStats:
         """What DWARF indexing did: built, loaded from disk, failed (by reason)."""
         return self._builder.stats
+
+    def use_kallsyms(self, kallsyms: Kallsyms) -> None:
+        """Name kernel frames from now on (start-up loads the table beside the compile)."""
+        self._kallsyms = kallsyms
 
     def end_window(self) -> None:
         """After a window is built: forget the memo of processes that stopped running."""
