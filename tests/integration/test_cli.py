@@ -89,7 +89,7 @@ def test_record_attributes_leaves_in_proportion(
             "--duration",
             "6",
             "--frequency",
-            "99",
+            "999",  # ~6,000 samples: binomial noise ~0.7 points against the 5 allowed
             "--pid",
             str(workload.pid),
             "--output",
