@@ -57,7 +57,7 @@ class Pipeline:
     def start(self) -> None:
         if self.indexer is not None:
             self.indexer.start()
-        # Reading and packing /proc/kallsyms takes ~0.4 s: do it while the sampler's
+        # Reading and packing /proc/kallsyms takes 0.1-0.4 s: do it while the sampler's
         # compile child works (this thread mostly waits on the child's socket meanwhile).
         with ThreadPoolExecutor(1, thread_name_prefix="kallsyms") as pool:
             kallsyms = pool.submit(Kallsyms.load)

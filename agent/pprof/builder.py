@@ -23,7 +23,7 @@ from agent.pprof.proto import profile_pb2
 
 KERNEL_MAPPING_NAME = "[kernel.kallsyms]"
 KERNEL_MAPPING = -1  # placeholder mapping id of kernel locations until finish()
-GZIP_LEVEL = 1  # what Go's runtime/pprof writes (BestSpeed): 20k stacks 275 -> 163 ms, +8% bytes
+GZIP_LEVEL = 1  # what Go's runtime/pprof writes (BestSpeed); BENCHMARKS.md: ~3x faster than 6
 INT64_MAX = 2**63 - 1  # sample values are int64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -96,7 +96,7 @@ def test_unusable_spool_dir_is_named_at_start(tmp_path):
 
 
 def test_grpc_is_loaded_only_when_a_remote_store_is_configured(tmp_path):
-    # grpc costs ~19 MiB of RSS; the default agent (local store only) must not import it.
+    # grpc costs ~9 MiB of RSS; the default agent (local store only) must not import it.
     script = (
         "import sys\n"
         "from agent.config import Config\n"

@@ -1,8 +1,8 @@
 """Short-lived processes against the real kernel: ten 0.3 s CPU burners run one after
-the other; the agent's composition (sampler ring buffer -> ProcessCache.capture ->
-BackgroundIndexer.watch, as Pipeline.capture_new_processes does) captures each one at
-its first sample; the window is drained only after all of them have exited, and every
-one of their samples must still come out symbolized with the test binary's functions.
+the other; the agent's capture step (Pipeline.capture_new_processes: sampler ring buffer
+-> ProcessCache.capture -> BackgroundIndexer.watch) captures each one at its first
+sample; the window is drained only after all of them have exited, and every one of their
+samples must still come out symbolized with the test binary's functions.
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent.labels.guard import CardinalityGuard
+from agent.labels.labeler import Labeler
 from agent.model import StackSample, Window
+from agent.pipeline import Pipeline, labeled_series
 from agent.process.cache import ProcessCache
 from agent.sampler import Sampler
+from agent.session import Stages
 from agent.symbolize.background import BackgroundIndexer
 from agent.symbolize.symbolizer import Symbolizer
 
@@ -45,14 +49,9 @@ def defined_functions(binary: Path) -> set[str]:
         }
 
 
-def capture_until(
-    stop: threading.Event, sampler: Sampler, processes: ProcessCache, indexer: BackgroundIndexer
-) -> None:
+def capture_until(stop: threading.Event, pipeline: Pipeline) -> None:
     while not stop.is_set():
-        for new in sampler.poll_new_processes(timeout_ms=50):
-            process = processes.capture(new.pid, reread=new.after_exec)
-            if process is not None:
-                indexer.watch(process)
+        pipeline.capture_new_processes(timeout_ms=50)
 
 
 @dataclass
@@ -72,10 +71,20 @@ def sample_runs(commands: list[list[str]], cache_dir: Path) -> Iterator[Captured
     processes = ProcessCache()
     symbolizer = Symbolizer(cache_dir=cache_dir)
     indexer = BackgroundIndexer(symbolizer, interval=0.5)
-    stop = threading.Event()
-    capturer = threading.Thread(
-        target=capture_until, args=(stop, sampler, processes, indexer), daemon=True
+    labeler, guard = Labeler("test-node"), CardinalityGuard(100)
+    # The agent's own capture step (Pipeline.capture_new_processes), on its own thread.
+    pipeline = Pipeline(
+        sampler=sampler,
+        processes=processes,
+        symbolizer=symbolizer,
+        stages=Stages(processes.get_covering, symbolizer.symbolize, labeled_series(labeler, guard)),
+        period_ns=10**9 // 99,
+        guard=guard,
+        labeler=labeler,
+        indexer=indexer,
     )
+    stop = threading.Event()
+    capturer = threading.Thread(target=capture_until, args=(stop, pipeline), daemon=True)
     pids: list[int] = []
     try:
         sampler.start()

@@ -8,8 +8,8 @@ Modules: config (RemoteStoreConfig), parca / otlp (SeriesProfile -> request byte
 channel (TLS, token, transport), retry (codes and backoff), spool (disk), queue
 (RemoteSink: ordering and delivery guarantees).
 
-RemoteSink is imported on first use: grpc adds ~19 MiB of RSS, which an agent that
-only keeps a local store (the default) should not pay.
+RemoteSink is imported on first use: grpc adds ~9 MiB of RSS to the agent's modules,
+which an agent that only keeps a local store (the default) should not pay.
 """
 
 from __future__ import annotations
