@@ -86,7 +86,7 @@ class Location:
         return any(f.function for f in self.frames)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProfileSample:
     """A symbolized, labelled stack ready for pprof: locations innermost first."""
 

@@ -43,6 +43,7 @@ def sample_labels(sample: StackSample, process: ProcessInfo | None) -> Labels:
 def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[ProfileSample]]:
     """Resolve, symbolize and label every stack of the window, grouped by series."""
     by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
+    labels_of: dict[tuple[int, str], Labels] = {}  # a window has ~20 stacks per process
     for sample in window.samples:
         process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
         series = stages.series_labels(process, sample)
@@ -51,14 +52,10 @@ def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[Profile
         locations = stages.symbolize(process, sample.user_stack, sample.kernel_stack)
         if not locations:
             continue
-        by_series[series].append(
-            ProfileSample(
-                locations=locations,
-                count=sample.count,
-                labels=sample_labels(sample, process),
-                pid=sample.pid,
-            )
-        )
+        labels = labels_of.get((sample.pid, sample.comm))
+        if labels is None:
+            labels = labels_of[sample.pid, sample.comm] = sample_labels(sample, process)
+        by_series[series].append(ProfileSample(locations, sample.count, labels, sample.pid))
     return by_series
 
 

@@ -26,6 +26,12 @@ KERNEL_MAPPING = -1  # placeholder mapping id of kernel locations until finish()
 GZIP_LEVEL = 1  # what Go's runtime/pprof writes (BestSpeed); BENCHMARKS.md: ~3x faster than 6
 INT64_MAX = 2**63 - 1  # sample values are int64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SMALL_VARINTS = tuple(bytes((i,)) for i in range(0x80))
+# Wire tags of length-delimited fields (field number << 3 | 2) written by hand below.
+PROFILE_SAMPLE = b"\x12"  # Profile.sample = 2
+SAMPLE_LOCATION_ID = b"\x0a"  # Sample.location_id = 1 (packed)
+SAMPLE_VALUE = b"\x12"  # Sample.value = 2 (packed)
+SAMPLE_LABEL = b"\x1a"  # Sample.label = 3
 
 MappingKey = tuple[int, int, int, str, str]  # start, end, offset, path, build id
 FunctionKey = tuple[str, str, str, int]  # name, system name, file, start line
@@ -78,10 +84,10 @@ class _ProfileTables:
         self._kernel_resolution = _MappingResolution()
         self._functions: dict[FunctionKey, int] = {}
         self._locations: dict[LocationKey, int] = {}
-        # id(Location) -> location id: the caller's samples keep every Location alive for
-        # the whole build, so ids cannot be reused; this skips hashing deep dataclasses.
-        self.by_object: dict[int, int] = {}
-        self._labels: dict[LabelKey, list[profile_pb2.Label]] = {}
+        # id(Location) -> its location id's varint: the caller's samples keep every Location
+        # alive for the whole build, so ids cannot be reused; this skips hashing dataclasses.
+        self.by_object: dict[int, bytes] = {}
+        self._labels: dict[LabelKey, bytes] = {}
 
     def string(self, value: str) -> int:
         index = self.strings.get(value)
@@ -89,8 +95,9 @@ class _ProfileTables:
             index = self.strings[value] = len(self.strings)
         return index
 
-    def location_id(self, location: Location) -> int:
-        """The id of `location`, added on first sight (by value: mapping, address, frames)."""
+    def location_varint(self, location: Location) -> bytes:
+        """The varint of `location`'s id, added on first sight (by value: mapping, address,
+        frames)."""
         found = self.by_object.get(id(location))
         if found is not None:
             return found
@@ -100,8 +107,8 @@ class _ProfileTables:
         if location_id is None:
             location_id = self._add_location(mapping_id, location.address, location.frames)
             self._locations[key] = location_id
-        self.by_object[id(location)] = location_id
-        return location_id
+        found = self.by_object[id(location)] = varint(location_id)
+        return found
 
     def _add_location(self, mapping_id: int, address: int, frames: tuple[Frame, ...]) -> int:
         location_id = len(self._locations) + 1
@@ -160,15 +167,15 @@ class _ProfileTables:
             )
         return function_id
 
-    def labels(self, sample: ProfileSample) -> list[profile_pb2.Label]:
-        """`pid` as a numeric label, every other sample label as a string label."""
+    def labels(self, sample: ProfileSample) -> bytes:
+        """The sample's encoded Label fields: `pid` numeric, every other label a string."""
         key = (sample.pid, sample.labels)
         labels = self._labels.get(key)
         if labels is None:
-            labels = self._labels[key] = self._make_labels(sample.pid, sample.labels)
+            labels = self._labels[key] = self._encode_labels(sample.pid, sample.labels)
         return labels
 
-    def _make_labels(self, pid: int, pairs: tuple[tuple[str, str], ...]) -> list[profile_pb2.Label]:
+    def _encode_labels(self, pid: int, pairs: tuple[tuple[str, str], ...]) -> bytes:
         labels = []
         for name, value in pairs:
             if name == "pid" and value.isascii() and value.isdigit() and len(value) < 19:
@@ -177,7 +184,7 @@ class _ProfileTables:
             labels.append(profile_pb2.Label(key=self.string(name), str=self.string(value)))
         if pid:
             labels.append(profile_pb2.Label(key=self.string("pid"), num=pid))
-        return labels
+        return b"".join(_field(SAMPLE_LABEL, label.SerializeToString()) for label in labels)
 
     def finish(self) -> None:
         """Add the kernel mapping, set every mapping's has_* bits, write the string table."""
@@ -201,36 +208,76 @@ def build_profile(
     samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
 ) -> profile_pb2.Profile:
     """The Profile message for `samples` (one CPU sample = `period_ns` nanoseconds)."""
-    profile = profile_pb2.Profile(time_nanos=start_ns, duration_nanos=duration_ns, period=period_ns)
-    tables = _ProfileTables(profile)
-    for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
-        profile.sample_type.add(type=tables.string(kind), unit=tables.string(unit))
-    profile.period_type.type = tables.string("cpu")
-    profile.period_type.unit = tables.string("nanoseconds")
-    # Hot loop: most locations repeat (the symbolizer hands out the same Location object
-    # for a process's repeated frames), so look them up by object, in C (map), and call
-    # out only for a stack with a location not seen yet.
-    known, location_id = tables.by_object.get, tables.location_id
-    add_sample = profile.sample.add
-    for sample in samples:
-        ids = list(map(known, map(id, sample.locations)))
-        if None in ids:  # ids are ints >= 1: this compares in C
-            ids = [i or location_id(loc) for i, loc in zip(ids, sample.locations, strict=True)]
-        add_sample(
-            location_id=ids,
-            value=(sample.count, min(sample.count * period_ns, INT64_MAX)),
-            label=tables.labels(sample),
-        )
-    tables.finish()
-    return profile
+    return profile_pb2.Profile.FromString(encode_profile(samples, start_ns, duration_ns, period_ns))
 
 
 def build_pprof(
     samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
 ) -> bytes:
     """The gzipped, serialized pprof Profile of `samples` (what every sink ships)."""
-    data = build_profile(samples, start_ns, duration_ns, period_ns).SerializeToString()
+    data = encode_profile(samples, start_ns, duration_ns, period_ns)
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def encode_profile(
+    samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
+) -> bytes:
+    """The serialized Profile, byte for byte what protobuf's serializer would write.
+
+    Samples are most of a profile and each would be a protobuf message made and copied
+    from Python objects, so they are written as wire bytes here, between the Profile's
+    field 1 (sample_type) and the fields after 2, which protobuf serializes.
+    """
+    head = profile_pb2.Profile()
+    tail = profile_pb2.Profile(time_nanos=start_ns, duration_nanos=duration_ns, period=period_ns)
+    tables = _ProfileTables(tail)
+    for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
+        head.sample_type.add(type=tables.string(kind), unit=tables.string(unit))
+    tail.period_type.type = tables.string("cpu")
+    tail.period_type.unit = tables.string("nanoseconds")
+    encoded = _encode_samples(samples, tables, period_ns)
+    tables.finish()
+    return head.SerializeToString() + encoded + tail.SerializeToString()
+
+
+def _encode_samples(
+    samples: Sequence[ProfileSample], tables: _ProfileTables, period_ns: int
+) -> bytes:
+    # Hot loop: most locations repeat (the symbolizer hands out the same Location object
+    # for a process's repeated frames), so their ids' varints are found by object, in C
+    # (map, join), and only a stack with a location not seen yet calls out per location.
+    known, location_varint = tables.by_object.__getitem__, tables.location_varint
+    values: dict[int, bytes] = {}
+    out = []
+    for sample in samples:
+        try:
+            ids = b"".join(map(known, map(id, sample.locations)))
+        except KeyError:
+            ids = b"".join(map(location_varint, sample.locations))
+        value = values.get(sample.count)
+        if value is None:
+            cpu = min(sample.count * period_ns, INT64_MAX)
+            value = values[sample.count] = _field(SAMPLE_VALUE, varint(sample.count) + varint(cpu))
+        body = (_field(SAMPLE_LOCATION_ID, ids) if ids else b"") + value + tables.labels(sample)
+        out.append(_field(PROFILE_SAMPLE, body))
+    return b"".join(out)
+
+
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int (below 2**64)."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: its tag, the payload's length, the payload."""
+    return tag + varint(len(payload)) + payload
 
 
 def parse_pprof(data: bytes) -> profile_pb2.Profile:

@@ -34,8 +34,9 @@ MAX_SPACES = 4096  # processes (the process cache holds as many by default)
 MAX_LOCATIONS = 1 << 17  # memoized Locations in all spaces (~240 bytes each: <= ~30 MiB)
 IDLE_WINDOWS = 2
 
-# Frame outcomes, counted in a plain list per symbolize() call and added to
-# strobe_symbolize_frames once per call: a labels().inc() per frame cost ~20% of a window.
+# Frame outcomes, counted in a plain list and added to strobe_symbolize_frames once per
+# window (FrameCounts.publish): a labels().inc() per frame cost ~20% of a window, and an
+# inc() per stack still ~5%.
 OUTCOMES = (
     ("kernel", "hit"),
     ("kernel", "miss"),
@@ -48,15 +49,23 @@ KERNEL_HIT, KERNEL_MISS, USER_HIT, USER_MISS, JIT_HIT, JIT_MISS = range(len(OUTC
 Tally = list[int]  # a count per OUTCOMES entry
 
 
-def new_tally() -> Tally:
-    return [0] * len(OUTCOMES)
+class FrameCounts:
+    """Frame outcomes not yet added to strobe_symbolize_frames."""
 
+    __slots__ = ("tally",)
 
-def count_frames(tally: Tally) -> None:
-    """Add a call's counts to strobe_symbolize_frames (only outcomes that occurred)."""
-    for (kind, result), count in zip(OUTCOMES, tally, strict=True):
-        if count:
-            _frames_counter(kind, result).inc(count)
+    def __init__(self) -> None:
+        self.tally: Tally = [0] * len(OUTCOMES)
+
+    def publish(self) -> None:
+        """Add the counts to the metric. Subtracted in place, not swapped for a new list:
+        an increment made meanwhile by another thread stays for the next publish."""
+        tally = self.tally
+        for index, (kind, result) in enumerate(OUTCOMES):
+            count = tally[index]
+            if count:
+                _frames_counter(kind, result).inc(count)
+                tally[index] -= count
 
 
 @functools.cache
@@ -92,12 +101,15 @@ def unnamed(locations: Sequence[Location]) -> int:
 class AddressSpace:
     """One tuple of mappings: its index and the Locations memoized in it."""
 
-    __slots__ = ("binaries", "first", "index", "returns", "used", "window")
+    __slots__ = ("binaries", "first", "index", "returns", "unnamed", "used", "window")
 
     def __init__(self, mappings: tuple[Mapping, ...]) -> None:
         self.index = MappingIndex(mappings)
         self.first: dict[int, Location] = {}  # innermost frames, looked up at the address
         self.returns: dict[int, Location] = {}  # return addresses, looked up at address - 1
+        # Whether a memoized Location has no frames: if none has (most processes), a
+        # memoized stack's frames are all hits without looking at each.
+        self.unnamed = False
         self.binaries: set[str] = set()  # keys of the binaries the Locations came from
         self.used = False  # since the symbolizer last asked (binaries' LRU order)
         self.window = 0  # the last window that used it
@@ -154,6 +166,7 @@ class AddressSpaces:
         with self._lock:
             new = address not in memo
             memo[address] = location
+            space.unnamed = space.unnamed or not location.frames
             if not new or self._spaces.get(id(space.index.mappings)) is not space:
                 return  # a dropped space only serves the caller that still holds it
             self._locations += 1

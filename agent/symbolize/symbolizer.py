@@ -42,10 +42,9 @@ from agent.symbolize.memo import (
     USER_MISS,
     AddressSpace,
     AddressSpaces,
+    FrameCounts,
     Tally,
-    count_frames,
     memoized,
-    new_tally,
     unnamed,
 )
 from agent.symbolize.perfmap import PerfMaps, is_jit_candidate
@@ -102,6 +101,8 @@ class Symbolizer:
         self._spaces = AddressSpaces()  # per-process memo of the sampling path
         self._kernel_first: dict[int, Location] = {}
         self._kernel_returns: dict[int, Location] = {}
+        self._kernel_unnamed = False  # whether a memoized kernel Location has no frames
+        self._frame_counts = FrameCounts()  # published at the end of each window
         self._vdso: tuple[BinaryIndex | None, int] | None = None  # (index, image size)
         self._temp_dir = (
             tempfile.TemporaryDirectory(prefix="strobe-symbols-") if not cache_dir else None
@@ -150,7 +151,9 @@ class Symbolizer:
         self._kallsyms = kallsyms
 
     def end_window(self) -> None:
-        """After a window is built: forget the memo of processes that stopped running."""
+        """After a window is built: publish its frame counts (strobe_symbolize_frames)
+        and forget the memo of processes that stopped running."""
+        self._frame_counts.publish()
         self._spaces.end_window()
 
     def close(self) -> None:
@@ -174,26 +177,18 @@ class Symbolizer:
         mapping and (when known) build id, with no frames. Equal frames of a process
         may come back as the same Location object (memo.py).
         """
-        tally = new_tally()
+        tally = self._frame_counts.tally
         kernel = self._kernel_locations(kernel_stack, tally)
-        locations = kernel + self._user_locations(process, user_stack, tally)
-        count_frames(tally)
-        return locations
+        return kernel + self._user_locations(process, user_stack, tally)
 
     def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Location, ...]:
-        tally = new_tally()
-        locations = self._kernel_locations(addresses, tally)
-        count_frames(tally)
-        return locations
+        return self._kernel_locations(addresses, self._frame_counts.tally)
 
     def symbolize_user(
         self, process: ProcessInfo | None, addresses: Sequence[int]
     ) -> tuple[Location, ...]:
         """User frames; all but the first are return addresses, looked up at address - 1."""
-        tally = new_tally()
-        locations = self._user_locations(process, addresses, tally)
-        count_frames(tally)
-        return locations
+        return self._user_locations(process, addresses, self._frame_counts.tally)
 
     def symbolize_address(
         self, process: ProcessInfo | None, address: int, return_address: bool = False
@@ -202,15 +197,12 @@ class Symbolizer:
 
         Always looked up (the memo is only written): a per-frame reference for tests.
         """
-        tally = new_tally()
+        tally = self._frame_counts.tally
         if process is None:
-            location = Location(address=address, mapping=None)
             tally[USER_MISS] += 1
-        else:
-            space = self._spaces.get(process.mappings)
-            location = self._user_location(process, space, address, return_address, tally)
-        count_frames(tally)
-        return location
+            return Location(address=address, mapping=None)
+        space = self._spaces.get(process.mappings)
+        return self._user_location(process, space, address, return_address, tally)
 
     def _kernel_locations(self, addresses: Sequence[int], tally: Tally) -> tuple[Location, ...]:
         # Kernel symbols never change: a Location per (address, depth > 0) is kept for good.
@@ -219,7 +211,7 @@ class Symbolizer:
             locations = tuple(
                 self._kernel_memoized(address, depth > 0) for depth, address in enumerate(addresses)
             )
-        misses = unnamed(locations)
+        misses = unnamed(locations) if self._kernel_unnamed else 0
         tally[KERNEL_HIT] += len(locations) - misses
         tally[KERNEL_MISS] += misses
         return locations
@@ -232,6 +224,7 @@ class Symbolizer:
             if len(memo) >= MAX_KERNEL_LOCATIONS:
                 memo.clear()
             memo[address] = location
+            self._kernel_unnamed = self._kernel_unnamed or not location.frames
         return location
 
     def _kernel_location(self, address: int, return_address: bool) -> Location:
@@ -250,7 +243,7 @@ class Symbolizer:
         locations = memoized(space.first, space.returns, addresses)
         if locations is None:  # some frame is new (or JIT): one at a time
             return self._user_locations_slow(process, space, addresses, tally)
-        misses = unnamed(locations)  # memoized frames are all kind "user"
+        misses = unnamed(locations) if space.unnamed else 0  # memoized: all kind "user"
         tally[USER_HIT] += len(locations) - misses
         tally[USER_MISS] += misses
         return locations

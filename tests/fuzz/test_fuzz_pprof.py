@@ -1,10 +1,12 @@
 """build_pprof on arbitrary samples: extreme addresses and counts, empty stacks, any text in
 names, paths and labels (non-UTF-8 bytes from ELF and /proc included), kernel and user
-frames mixed, duplicate mappings. The result always parses back, holds the input counts,
+frames mixed, duplicate mappings. The result always parses back, is byte for byte what
+protobuf serializes (samples are hand-encoded), holds the input counts,
 refers only to what it defines, and the upstream pprof tool reads it."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 from pathlib import Path
@@ -124,6 +126,8 @@ def test_any_samples_make_a_valid_profile(given_samples: list[ProfileSample]) ->
     data = build_pprof(given_samples, START_NS, DURATION_NS, PERIOD_NS)
     profile = parse_pprof(data)
     check_profile(profile, given_samples)
+    # Samples are hand-encoded: the bytes must be what protobuf itself would serialize.
+    assert profile.SerializeToString() == gzip.decompress(data)
     names = location_names(profile)
     for sample, given_sample in zip(profile.sample, given_samples, strict=True):
         for location_id, location in zip(sample.location_id, given_sample.locations, strict=True):

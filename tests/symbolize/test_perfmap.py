@@ -104,6 +104,7 @@ def check_jit_frames(jit: Jit) -> None:
     assert names == ["LazyCompile:~hot_loop /app/main.js:3", "jit_prologue", ""]
     assert all(loc.mapping == mapping for loc in locations)
     assert [loc.address for loc in locations] == list(stack)
+    symbolizer.end_window()  # publishes the frame counts
     assert jit_counts() == (hits + 2, misses + 1)
     symbolizer.close()
 

@@ -120,11 +120,13 @@ def test_vanished_process() -> None:
     pid = exited_pid()
     assert read_process(pid) is None
     before = misses()
-    locations = Symbolizer().symbolize(None, (0x401000, 0x401234), ())
+    symbolizer = Symbolizer()
+    locations = symbolizer.symbolize(None, (0x401000, 0x401234), ())
     assert [(loc.address, loc.mapping, loc.frames) for loc in locations] == [
         (0x401000, None, ()),
         (0x401234, None, ()),
     ]
+    symbolizer.end_window()  # frame counts reach the metric once per window
     assert misses() == before + 2
 
 

@@ -88,6 +88,7 @@ def test_memoized_stacks_equal_per_frame_lookups(c_binaries: Path) -> None:
             kernel = kernel_stack[: rng.randrange(0, 5)]
             before = frame_counts()
             got = symbolizer.symbolize(info, stack, kernel)
+            symbolizer.end_window()  # publishes the frame counts
             counted = frame_counts() - before
             user = reference(per_frame, info, stack)
             expected_kernel = kernel_reference(kernel)
