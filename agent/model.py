@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StackSample:
     """One aggregated stack from the kernel: how often `pid` ran this stack in a window."""
 
@@ -22,7 +22,7 @@ class StackSample:
     count: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Window:
     """What one drain of the kernel maps produced."""
 
@@ -32,7 +32,7 @@ class Window:
     lost: dict[str, int] = field(default_factory=dict)  # reason -> samples lost in BPF
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mapping:
     """One file-backed (or anonymous) line of /proc/PID/maps."""
 
@@ -48,7 +48,7 @@ class Mapping:
         return self.start <= address < self.end
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProcessInfo:
     """What we know about a process, captured as early as we could."""
 
@@ -60,7 +60,7 @@ class ProcessInfo:
     cmdline: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frame:
     """One function at a location; a location has several when calls were inlined."""
 
@@ -71,7 +71,7 @@ class Frame:
     system_name: str = ""  # the raw (mangled) symbol when it differs from `function`
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
     """A symbolized instruction address. frames: innermost (inlined) first, caller last."""
 
@@ -96,7 +96,7 @@ class ProfileSample:
     pid: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SeriesProfile:
     """One profile for one series: what a sink stores or ships.
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent import metrics
+from agent.gcpause import cycle_collection_paused
 from agent.model import Location, ProcessInfo, ProfileSample, SeriesProfile, StackSample, Window
 from agent.pprof.builder import build_pprof
 
@@ -64,8 +65,11 @@ def window_profiles(window: Window, stages: Stages, period_ns: int) -> list[Seri
     started = time.monotonic()
     duration_ns = max(window.end_ns - window.start_ns, 1)
     profiles = []
-    for labels, samples in sorted(profile_samples(window, stages).items()):
-        profiles.append(series_profile(labels, samples, window.start_ns, duration_ns, period_ns))
+    with cycle_collection_paused():
+        for labels, samples in sorted(profile_samples(window, stages).items()):
+            profiles.append(
+                series_profile(labels, samples, window.start_ns, duration_ns, period_ns)
+            )
     metrics.WINDOW_SECONDS.observe(time.monotonic() - started)
     metrics.WINDOWS.inc()
     return profiles

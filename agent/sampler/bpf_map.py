@@ -213,11 +213,13 @@ class BpfMap:
     def delete_batch(self, keys: Iterable[bytes]) -> int:
         """Delete the keys (absent ones are skipped); returns how many were deleted."""
         pending = list(keys)
+        wrong = set(map(len, pending)) - {self.key_size}
+        if wrong:
+            size = min(wrong)
+            raise ValueError(f"key of {self._what()} must be {self.key_size} bytes, got {size}")
         deleted = 0
         while pending:
-            buffer = ctypes.create_string_buffer(
-                b"".join(self._key(key).raw for key in pending), self.key_size * len(pending)
-            )
+            buffer = ctypes.create_string_buffer(b"".join(pending), self.key_size * len(pending))
             attr = _MapBatchAttr(keys=ctypes.addressof(buffer), count=len(pending), map_fd=self.fd)
             err = self._batch_call(BPF_MAP_DELETE_BATCH, attr)
             if err in _BATCH_UNSUPPORTED:  # attr.count is left as we set it: useless

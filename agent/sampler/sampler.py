@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from agent import metrics
+from agent.gcpause import cycle_collection_paused
 from agent.model import ProcessInfo, Window
 from agent.sampler.convert import (
     LOST_REASONS,
@@ -196,11 +197,12 @@ class Sampler:
         end_ns = time.time_ns()
         time.sleep(FLIP_GRACE_SECONDS)
 
-        entries = program.read_counts()
-        drained = entries_of_slot(entries, old_slot)
-        stacks = program.read_stacks(old_slot)
-        user_stacks = program.read_user_stacks(old_slot)
-        samples = to_stack_samples(drained, stacks, user_stacks)
+        with cycle_collection_paused():
+            entries = program.read_counts()
+            drained = entries_of_slot(entries, old_slot)
+            stacks = program.read_stacks(old_slot)
+            user_stacks = program.read_user_stacks(old_slot)
+            samples = to_stack_samples(drained, stacks, user_stacks)
         program.delete_counts(drained)
         program.delete_stacks(old_slot, list(stacks))
         if program.table_unwinding:

@@ -186,6 +186,10 @@ def test_wrong_sizes_are_value_errors(hash_map: BpfMap) -> None:
         hash_map.lookup(_value(1))
     with pytest.raises(ValueError, match="must be 8 bytes"):
         hash_map.update(_key(1), _key(1))
+    hash_map.update(_key(1), _value(1))
+    with pytest.raises(ValueError, match="key of map 'test_hash' must be 4 bytes, got 8"):
+        hash_map.delete_batch([_key(1), _value(1)])
+    assert hash_map.lookup(_key(1)) == _value(1)  # nothing deleted
 
 
 def test_full_map_raises_e2big(require_bpf: None) -> None:

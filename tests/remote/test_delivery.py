@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 
@@ -120,7 +122,7 @@ def test_too_large_for_the_queue_or_message_is_dropped(backends, sinks, delta):
     sink.write(make_profile(1, padding=100_000))  # gzip of repeated bytes stays small
     sink.write(make_profile(2, padding=0))
     big = make_profile(3)
-    sink.write(type(big)(**{**big.__dict__, "pprof": bytes(range(256)) * 64}))
+    sink.write(dataclasses.replace(big, pprof=bytes(range(256)) * 64))
     assert sink.flush(60)
     assert backend.ids() == [1, 2]
     assert delta(DROPPED, reason="too_large") == 1

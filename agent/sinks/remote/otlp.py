@@ -29,14 +29,12 @@ decode and compare), from tables of small varints; only small messages go throug
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import importlib.metadata
 import itertools
 import struct
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2 as svc
@@ -44,6 +42,7 @@ from opentelemetry.proto.common.v1 import common_pb2 as common
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as prof
 from opentelemetry.proto.resource.v1 import resource_pb2 as resource
 
+from agent.gcpause import cycle_collection_paused
 from agent.model import Location, Mapping, ProfileSample, SeriesProfile, valid_utf8
 
 METHOD = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
@@ -205,21 +204,6 @@ def _packed(tag: bytes, values: Iterable[int], varints: _Varints) -> bytes:
     """A packed repeated field of non-negative ints; b"" when there are none."""
     data = b"".join(map(varints.get, values))
     return _field(tag, data) if data else b""
-
-
-@contextlib.contextmanager
-def _cycle_collection_paused() -> Iterator[None]:
-    """Encoding allocates tens of thousands of tuples and frees them all by reference
-    counting (it makes no cycles), but as they come they trigger the cyclic collector,
-    whose full passes walk the whole heap (measured: up to a third of the encoding).
-    Paused process-wide for the encode only; left off if it was off."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # -- dictionary ----------------------------------------------------------------------
@@ -533,7 +517,7 @@ def profile_attributes(profile: SeriesProfile, tables: Dictionary) -> list[int]:
 
 def encode(profile: SeriesProfile, node: str, version: str | None = None) -> bytes:
     """The ExportProfilesServiceRequest for one profile, with its own dictionary."""
-    with _cycle_collection_paused():
+    with cycle_collection_paused():
         return _encode(profile, node, _version() if version is None else version)
 
 
