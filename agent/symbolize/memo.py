@@ -6,9 +6,12 @@ one process share most of their frames. So each process's mappings get an Addres
 one dict lookup. Reusing the Location object also lets build_pprof find it by identity.
 
 A memoized Location is reused until what it was made from changes: the binary got a
-DWARF index or was evicted (the symbolizer then calls forget_binary), or the budget of
-memoized Locations ran out (all are dropped). JIT frames (perf maps grow) and files
-that failed to open (retried later) are never memoized.
+DWARF index or was evicted (the symbolizer then calls forget_binary), the file had
+failed to open and its retry time came or a download of it ended (the space is dropped
+then: without the memo, 1,000 processes of an unreadable binary cost ten times more per
+window), or the budget
+of memoized Locations ran out (all are dropped). JIT frames (perf maps grow) are never
+memoized.
 
 A space no stack used for IDLE_WINDOWS windows is dropped at the end of a window: under
 process churn, memory follows the processes that ran lately, not every process seen.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import operator
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -101,7 +105,7 @@ def unnamed(locations: Sequence[Location]) -> int:
 class AddressSpace:
     """One tuple of mappings: its index and the Locations memoized in it."""
 
-    __slots__ = ("binaries", "first", "index", "returns", "unnamed", "used", "window")
+    __slots__ = ("binaries", "expires", "first", "index", "returns", "unnamed", "used", "window")
 
     def __init__(self, mappings: tuple[Mapping, ...]) -> None:
         self.index = MappingIndex(mappings)
@@ -110,6 +114,9 @@ class AddressSpace:
         # Whether a memoized Location has no frames: if none has (most processes), a
         # memoized stack's frames are all hits without looking at each.
         self.unnamed = False
+        # time.monotonic() at which a memoized frame of a file that failed to open is due
+        # to be retried, and the space dropped; 0: none.
+        self.expires = 0.0
         self.binaries: set[str] = set()  # keys of the binaries the Locations came from
         self.used = False  # since the symbolizer last asked (binaries' LRU order)
         self.window = 0  # the last window that used it
@@ -138,7 +145,11 @@ class AddressSpaces:
         key = id(mappings)
         with self._lock:
             space = self._spaces.get(key)
-            if space is None or space.index.mappings is not mappings:
+            if (
+                space is None
+                or space.index.mappings is not mappings
+                or (space.expires and time.monotonic() >= space.expires)
+            ):
                 if space is not None:
                     self._drop(key)
                 space = self._spaces[key] = AddressSpace(mappings)

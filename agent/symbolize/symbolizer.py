@@ -272,7 +272,7 @@ class Symbolizer:
         return_address: bool,
         tally: Tally,
     ) -> Location:
-        """A user frame not memoized in `space`: looked up, counted, memoized if stable."""
+        """A user frame not memoized in `space`: looked up, counted, memoized (not JIT)."""
         lookup = address - 1 if return_address else address
         mapping = space.index.find(lookup)
         if mapping is not None and is_jit_candidate(mapping):
@@ -282,20 +282,37 @@ class Symbolizer:
         binary = self._binary_for(process.pid, mapping) if mapping is not None else None
         if mapping is None or binary is None:
             location = Location(address=address, mapping=mapping)
-            # A file that failed to open is retried later; what no file backs stays unnamed.
-            stable = mapping is None or not mapping.path.startswith("/")
-        else:
-            space.binaries.add(binary.key)  # before reading frames: see forget_binary
-            vaddr = runtime_to_elf_vaddr(lookup, mapping, binary.elf.loads)
-            frames = binary.frames(vaddr) if vaddr is not None else ()
-            location = Location(
-                address=address, mapping=mapping, build_id=binary.build_id, frames=frames
-            )
-            stable = True
-        tally[USER_HIT if location.frames else USER_MISS] += 1
-        if stable:
-            self._spaces.remember(space, return_address, address, location)
+            tally[USER_MISS] += 1
+            # What no file backs stays unnamed; a file that failed to open is retried.
+            if mapping is None or self._memoize_failure(space, mapping):
+                self._spaces.remember(space, return_address, address, location)
+            return location
+        space.binaries.add(binary.key)  # before reading frames: see forget_binary
+        vaddr = runtime_to_elf_vaddr(lookup, mapping, binary.elf.loads)
+        frames = binary.frames(vaddr) if vaddr is not None else ()
+        location = Location(
+            address=address, mapping=mapping, build_id=binary.build_id, frames=frames
+        )
+        tally[USER_HIT if frames else USER_MISS] += 1
+        self._spaces.remember(space, return_address, address, location)
         return location
+
+    def _memoize_failure(self, space: AddressSpace, mapping: Mapping) -> bool:
+        """Whether an unnamed frame of `mapping` may be memoized in `space`, and until when.
+
+        Memory no file backs: for good. A file that failed to open: until its retry time
+        (the space expires then), or until _forget_failure drops the space (a download
+        ended). The key goes into space.binaries before the failure is read back, so a
+        forget that runs in between either finds the key or left no failure to read.
+        """
+        if not mapping.path.startswith("/"):
+            return True
+        space.binaries.add(_failure_key((mapping.dev, mapping.inode, mapping.path)))
+        retry_at = self._retry_at(mapping)
+        if retry_at is None:
+            return False  # forgotten already (or its record evicted): retry next time
+        space.expires = min(space.expires or retry_at, retry_at)
+        return True
 
     def _jit_location(
         self, process: ProcessInfo, mapping: Mapping, address: int, lookup: int
@@ -380,6 +397,13 @@ class Symbolizer:
             binary.opened = opened
             binary.mapped_path = mapping.path
 
+    def _retry_at(self, mapping: Mapping) -> float | None:
+        """When a file that failed to open will be tried again (time.monotonic()); None
+        when no failure of it is on record."""
+        with self._lock:
+            failed_at = self._files.get((mapping.dev, mapping.inode, mapping.path))
+        return failed_at + self._retry_seconds if isinstance(failed_at, float) else None
+
     def _binary_for(self, pid: int, mapping: Mapping) -> BinaryIndex | None:
         """The cached index for a mapping's file, opening and verifying it on first sight."""
         if mapping.path == VDSO:
@@ -441,6 +465,7 @@ class Symbolizer:
         with self._lock:
             if isinstance(self._files.get(identity), float):
                 del self._files[identity]
+        self._spaces.forget_binary(_failure_key(identity))  # its memoized unnamed frames
 
     def _open(self, pid: int, mapping: Mapping) -> BinaryIndex | None:
         opened = open_mapped_file(pid, mapping, self._proc)
@@ -503,3 +528,9 @@ class Symbolizer:
         binary, size = self._vdso
         # A 32-bit process maps another vDSO image: only trust one of our size.
         return binary if mapping.end - mapping.start == size else None
+
+
+def _failure_key(identity: FileIdentity) -> str:
+    """What space.binaries holds for a file that failed to open (binaries hold keys)."""
+    dev, inode, path = identity
+    return f"failed:{dev}:{inode}:{path}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,30 @@ def test_exited_process_whose_binary_was_deleted(c_binaries: Path, tmp_path: Pat
     assert location.frames == () and location.address == address
     assert location.mapping is not None and location.mapping.path == str(binary)
     assert errors("not_found") == before + 1
+
+
+def test_a_file_that_failed_to_open_is_memoized_until_its_retry(
+    c_binaries: Path, tmp_path: Path
+) -> None:
+    """Its frames are not looked up again on every stack (1,000 such processes would
+    cost ten times more per window), and its retry time still comes."""
+    binary = Path(shutil.copy(c_binaries / "spin_pie", tmp_path / "moved"))
+    with running([str(binary), "60"], mapped=str(binary)) as pid:
+        process = read_process(pid)
+        assert process is not None
+    address = runtime_address(binary, symbol_vaddr(binary, "inner_spin"), process.mappings)
+    binary.rename(tmp_path / "elsewhere")  # the process has exited: nothing to open
+    symbolizer = Symbolizer(retry_seconds=0.5)
+    (first,) = symbolizer.symbolize(process, (address,), ())
+    (again,) = symbolizer.symbolize(process, (address,), ())
+    assert first.frames == () and again is first  # memoized
+    (tmp_path / "elsewhere").rename(binary)  # back, the same inode
+    (before_retry,) = symbolizer.symbolize(process, (address,), ())
+    assert before_retry is first
+    time.sleep(0.6)
+    (retried,) = symbolizer.symbolize(process, (address,), ())
+    assert [f.function for f in retried.frames] == ["inner_spin"]
+    symbolizer.close()
 
 
 def test_addresses_outside_any_mapping_and_without_kallsyms() -> None:
