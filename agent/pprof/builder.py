@@ -4,8 +4,9 @@ Conventions (github.com/google/pprof/proto/profile.proto): string_table[0] == ""
 mapping, location and function ids are 1-based; a Location's `line` list holds the
 inlined frames innermost first; sample values line up with sample_type
 [samples/count, cpu/nanoseconds]. This runs once per series per window on the hot path,
-so every table is interned through plain dicts and protobuf messages are only created
-once per unique mapping, function and location.
+so every table is interned through plain dicts, protobuf messages are only created
+once per unique mapping, function and location, and samples (most of a profile) are
+written as wire bytes directly.
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ class _ProfileTables:
 def build_profile(
     samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
 ) -> profile_pb2.Profile:
-    """The Profile message for `samples` (one CPU sample = `period_ns` nanoseconds)."""
+    """The Profile message for `samples` (one CPU sample = `period_ns` nanoseconds), read
+    back from encode_profile's bytes."""
     return profile_pb2.Profile.FromString(encode_profile(samples, start_ns, duration_ns, period_ns))
 
 
@@ -264,9 +266,12 @@ def _encode_samples(
 
 
 def varint(value: int) -> bytes:
-    """Protobuf's base-128 varint of a non-negative int (below 2**64)."""
+    """Protobuf's base-128 varint of an int64 or uint64 (a negative int64 as its two's
+    complement, ten bytes, as protobuf writes it)."""
     if value < 0x80:
-        return _SMALL_VARINTS[value]
+        if value >= 0:
+            return _SMALL_VARINTS[value]
+        value += 1 << 64
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -8,7 +8,7 @@ import pytest
 
 from agent.model import Frame, Location, Mapping, ProfileSample
 from agent.pprof import PprofError, build_pprof, build_profile, parse_pprof
-from agent.pprof.builder import KERNEL_MAPPING_NAME
+from agent.pprof.builder import KERNEL_MAPPING_NAME, varint
 from agent.pprof.proto import profile_pb2
 
 START_NS = 1_700_000_000_000_000_000
@@ -183,6 +183,13 @@ def test_output_is_gzip_and_deterministic() -> None:
     plain = gzip.decompress(data)
     assert plain == build_profile(samples(), START_NS, DURATION_NS, PERIOD_NS).SerializeToString()
     assert parse_pprof(plain) == parse_pprof(data)
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32, 2**63 - 1, -1, -300, -(2**63)])
+def test_varint_is_protobufs(value: int) -> None:
+    # Sample.value is packed int64: tag, length, then the varint.
+    encoded = profile_pb2.Sample(value=[value]).SerializeToString()
+    assert encoded == b"\x12" + bytes([len(varint(value))]) + varint(value)
 
 
 def test_empty_profile_is_valid() -> None:
