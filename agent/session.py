@@ -45,18 +45,19 @@ def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[Profile
     """Resolve, symbolize and label every stack of the window, grouped by series."""
     by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
     labels_of: dict[tuple[int, str], Labels] = {}  # a window has ~20 stacks per process
-    for sample in window.samples:
-        process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
-        series = stages.series_labels(process, sample)
-        if series is None:
-            continue
-        locations = stages.symbolize(process, sample.user_stack, sample.kernel_stack)
-        if not locations:
-            continue
-        labels = labels_of.get((sample.pid, sample.comm))
-        if labels is None:
-            labels = labels_of[sample.pid, sample.comm] = sample_labels(sample, process)
-        by_series[series].append(ProfileSample(locations, sample.count, labels, sample.pid))
+    with cycle_collection_paused():  # ~100,000 objects, no cycles: see agent/gcpause.py
+        for sample in window.samples:
+            process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
+            series = stages.series_labels(process, sample)
+            if series is None:
+                continue
+            locations = stages.symbolize(process, sample.user_stack, sample.kernel_stack)
+            if not locations:
+                continue
+            labels = labels_of.get((sample.pid, sample.comm))
+            if labels is None:
+                labels = labels_of[sample.pid, sample.comm] = sample_labels(sample, process)
+            by_series[series].append(ProfileSample(locations, sample.count, labels, sample.pid))
     return by_series
 
 
@@ -65,11 +66,8 @@ def window_profiles(window: Window, stages: Stages, period_ns: int) -> list[Seri
     started = time.monotonic()
     duration_ns = max(window.end_ns - window.start_ns, 1)
     profiles = []
-    with cycle_collection_paused():
-        for labels, samples in sorted(profile_samples(window, stages).items()):
-            profiles.append(
-                series_profile(labels, samples, window.start_ns, duration_ns, period_ns)
-            )
+    for labels, samples in sorted(profile_samples(window, stages).items()):
+        profiles.append(series_profile(labels, samples, window.start_ns, duration_ns, period_ns))
     metrics.WINDOW_SECONDS.observe(time.monotonic() - started)
     metrics.WINDOWS.inc()
     return profiles

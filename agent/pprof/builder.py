@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from agent.gcpause import cycle_collection_paused
 from agent.model import Frame, Location, ProfileSample
 from agent.pprof.proto import profile_pb2
 
@@ -205,14 +206,6 @@ class _ProfileTables:
             self.profile.string_table.extend(_SURROGATE.sub("\ufffd", s) for s in self.strings)
 
 
-def build_profile(
-    samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
-) -> profile_pb2.Profile:
-    """The Profile message for `samples` (one CPU sample = `period_ns` nanoseconds), read
-    back from encode_profile's bytes."""
-    return profile_pb2.Profile.FromString(encode_profile(samples, start_ns, duration_ns, period_ns))
-
-
 def build_pprof(
     samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
 ) -> bytes:
@@ -237,7 +230,8 @@ def encode_profile(
         head.sample_type.add(type=tables.string(kind), unit=tables.string(unit))
     tail.period_type.type = tables.string("cpu")
     tail.period_type.unit = tables.string("nanoseconds")
-    encoded = _encode_samples(samples, tables, period_ns)
+    with cycle_collection_paused():  # a bytes object or two per sample, no cycles
+        encoded = _encode_samples(samples, tables, period_ns)
     tables.finish()
     return head.SerializeToString() + encoded + tail.SerializeToString()
 

@@ -9,9 +9,8 @@ A memoized Location is reused until what it was made from changes: the binary go
 DWARF index or was evicted (the symbolizer then calls forget_binary), the file had
 failed to open and its retry time came or a download of it ended (the space is dropped
 then: without the memo, 1,000 processes of an unreadable binary cost ten times more per
-window), or the budget
-of memoized Locations ran out (all are dropped). JIT frames (perf maps grow) are never
-memoized.
+window), or the budget of memoized Locations ran out (all are dropped). JIT frames
+(perf maps grow) are never memoized.
 
 A space no stack used for IDLE_WINDOWS windows is dropped at the end of a window: under
 process churn, memory follows the processes that ran lately, not every process seen.

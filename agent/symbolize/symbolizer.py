@@ -307,8 +307,9 @@ class Symbolizer:
         """
         if not mapping.path.startswith("/"):
             return True
-        space.binaries.add(_failure_key((mapping.dev, mapping.inode, mapping.path)))
-        retry_at = self._retry_at(mapping)
+        identity = (mapping.dev, mapping.inode, mapping.path)
+        space.binaries.add(_failure_key(identity))
+        retry_at = self._retry_at(identity)
         if retry_at is None:
             return False  # forgotten already (or its record evicted): retry next time
         space.expires = min(space.expires or retry_at, retry_at)
@@ -397,11 +398,11 @@ class Symbolizer:
             binary.opened = opened
             binary.mapped_path = mapping.path
 
-    def _retry_at(self, mapping: Mapping) -> float | None:
+    def _retry_at(self, identity: FileIdentity) -> float | None:
         """When a file that failed to open will be tried again (time.monotonic()); None
         when no failure of it is on record."""
         with self._lock:
-            failed_at = self._files.get((mapping.dev, mapping.inode, mapping.path))
+            failed_at = self._files.get(identity)
         return failed_at + self._retry_seconds if isinstance(failed_at, float) else None
 
     def _binary_for(self, pid: int, mapping: Mapping) -> BinaryIndex | None:

@@ -7,7 +7,7 @@ import gzip
 import pytest
 
 from agent.model import Frame, Location, Mapping, ProfileSample
-from agent.pprof import PprofError, build_pprof, build_profile, parse_pprof
+from agent.pprof import PprofError, build_pprof, encode_profile, parse_pprof
 from agent.pprof.builder import KERNEL_MAPPING_NAME, varint
 from agent.pprof.proto import profile_pb2
 
@@ -181,7 +181,8 @@ def test_output_is_gzip_and_deterministic() -> None:
     assert data[:2] == b"\x1f\x8b"
     assert data == build_pprof(samples(), START_NS, DURATION_NS, PERIOD_NS)
     plain = gzip.decompress(data)
-    assert plain == build_profile(samples(), START_NS, DURATION_NS, PERIOD_NS).SerializeToString()
+    assert plain == encode_profile(samples(), START_NS, DURATION_NS, PERIOD_NS)
+    assert plain == profile_pb2.Profile.FromString(plain).SerializeToString()  # as protobuf's
     assert parse_pprof(plain) == parse_pprof(data)
 
 
