@@ -16,6 +16,7 @@ APT_PACKAGES=(
   podman buildah runc debootstrap                          # container image test
   linux-perf                                               # benchmarks: perf record next to ours
   rustc                                                    # Rust v0 demangling test (real symbols)
+  mold                                                     # unwind: mold's segment layout
 )
 
 missing=()

@@ -51,12 +51,32 @@ def address_prefixes(start: int, end: int) -> tuple[Prefix, ...]:
 
 
 def load_of(mapping: Mapping, loads: Sequence[LoadSegment]) -> LoadSegment | None:
-    """The PT_LOAD whose file bytes the mapping starts in (mappings start page-aligned)."""
-    for load in loads:
-        page_start = load.offset - load.offset % PAGE_SIZE
-        if page_start <= mapping.offset < load.offset + load.filesz:
-            return load
-    return None
+    """The PT_LOAD the mapping was made from.
+
+    Mappings start page-aligned, so several segments can share the mapping's first
+    page: lld packs the read-only segment and the executable one into the same file
+    page. The segment whose permissions match the mapping's is the one it maps;
+    among equals, the first whose file bytes the mapping starts in.
+    """
+    candidates = [load for load in loads if _starts_in(mapping.offset, load)]
+    flags = _segment_flags(mapping.perms)
+    return next((load for load in candidates if load.flags & 7 == flags), None) or next(
+        iter(candidates), None
+    )
+
+
+def _starts_in(offset: int, load: LoadSegment) -> bool:
+    page_start = load.offset - load.offset % PAGE_SIZE
+    return page_start <= offset < load.offset + load.filesz
+
+
+def _segment_flags(perms: str) -> int:
+    """ELF p_flags (PF_R 4, PF_W 2, PF_X 1) of a /proc/PID/maps permission string."""
+    return (
+        (4 if perms[:1] == "r" else 0)
+        | (2 if perms[1:2] == "w" else 0)
+        | (1 if perms[2:3] == "x" else 0)
+    )
 
 
 def table_bias(mapping: Mapping, loads: Sequence[LoadSegment], table_base: int) -> int | None:
