@@ -14,6 +14,8 @@ from symbolic.symcache import SymCache
 
 from agent.model import Frame
 from agent.symbolize.demangle import demangle
+from agent.symbolize.elf import SymbolTable
+from agent.symbolize.names import clone_base, outer_name
 
 
 class DwarfError(Exception):
@@ -21,22 +23,28 @@ class DwarfError(Exception):
 
 
 def frame_of(symbol: str, file: str, line: int) -> Frame:
-    """A Frame named by the demangled symbol, keeping the raw one when they differ."""
-    name = demangle(symbol)
+    """A Frame named by the demangled source-level symbol, keeping the raw one when they
+    differ (`foo.cold` is `foo`: see names.py)."""
+    name = demangle(clone_base(symbol))
     return Frame(function=name, file=file, line=line, system_name=symbol if name != symbol else "")
 
 
 class DwarfIndex:
     """Address -> frames for one ELF file (the binary or its separate debug file)."""
 
-    def __init__(self, symcache: Any, load_address: int) -> None:
+    def __init__(
+        self, symcache: Any, load_address: int, symbols: SymbolTable | None = None
+    ) -> None:
         self._symcache = symcache
         # SymCache addresses are relative to the indexed file's first PT_LOAD p_vaddr.
         self._load_address = load_address
+        self._symbols = symbols  # the ELF symbols that check the outermost name
 
     @classmethod
-    def open(cls, path: Path, load_address: int) -> DwarfIndex:
-        """Map a stored SymCache; load_address is the indexed file's first PT_LOAD p_vaddr."""
+    def open(cls, path: Path, load_address: int, symbols: SymbolTable | None = None) -> DwarfIndex:
+        """Map a stored SymCache; load_address is the indexed file's first PT_LOAD p_vaddr;
+        symbols, the indexed file's ELF symbols (the SymCache's outer names are checked
+        against them)."""
         try:
             symcache = SymCache.open(str(path))
             if not symcache.is_latest_version:
@@ -45,7 +53,7 @@ class DwarfIndex:
             raise
         except Exception as exc:  # symbolic raises its own hierarchy and OSError-likes
             raise DwarfError(f"{path}: {type(exc).__name__}: {exc}") from exc
-        return cls(symcache, load_address)
+        return cls(symcache, load_address, symbols)
 
     def lookup(self, vaddr: int) -> tuple[Frame, ...]:
         """Frames at an ELF virtual address, innermost (inlined) first; () when unknown."""
@@ -53,9 +61,15 @@ class DwarfIndex:
         if relative < 0:
             return ()
         try:
-            matches = self._symcache.lookup(relative)
+            matches = [m for m in self._symcache.lookup(relative) if m.symbol]
         except Exception:  # a corrupt index must not take the sampling loop down
             return ()
+        if not matches:
+            return ()
+        names = [m.symbol for m in matches]
+        if self._symbols is not None:
+            names[-1] = outer_name(names[-1], self._symbols.covering(vaddr))
         return tuple(
-            frame_of(m.symbol, m.full_path or "", m.line or 0) for m in matches if m.symbol
+            frame_of(name, m.full_path or "", m.line or 0)
+            for name, m in zip(names, matches, strict=True)
         )

@@ -98,6 +98,13 @@ class SymbolTable:
         names = [best[start][1].encode("utf-8", "surrogatepass") for start in starts]
         self._name_ends = array("Q", itertools.accumulate(len(name) for name in names))
         self._names = b"".join(names)
+        # The other names of a sized symbol (same start and size): few per binary.
+        self._aliases: dict[int, tuple[str, ...]] = {}
+        for value, size, name, _ in symbols:
+            kept_size, kept_name, _ = best[value]
+            others = self._aliases.get(value, ())
+            if size and size == kept_size and name != kept_name and name not in others:
+                self._aliases[value] = (*others, name)
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -111,6 +118,16 @@ class SymbolTable:
         if size and vaddr >= self._starts[index] + size:
             return None  # in a gap between functions
         return self._name(index)
+
+    def covering(self, vaddr: int) -> tuple[str, ...]:
+        """Names of the sized symbol whose range holds vaddr, best first; () if none."""
+        index = bisect.bisect_right(self._starts, vaddr) - 1
+        if index < 0:
+            return ()
+        start, size = self._starts[index], self._sizes[index]
+        if not start <= vaddr < start + size:
+            return ()
+        return (self._name(index), *self._aliases.get(start, ()))
 
     def _name(self, index: int) -> str:
         start = self._name_ends[index - 1] if index else 0

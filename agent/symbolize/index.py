@@ -13,7 +13,7 @@ from agent.model import Frame
 from agent.symbolize.binaries import OpenedBinary
 from agent.symbolize.debugfiles import find_debug_file
 from agent.symbolize.dwarf import DwarfIndex, frame_of
-from agent.symbolize.elf import ElfInfo, ElfReadError
+from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
 
 MAX_CACHED_FRAMES = 16384  # per binary; hot addresses repeat every window
 
@@ -75,10 +75,19 @@ class BinaryIndex:
         return self.opened is not None and os.path.exists(self.opened.path)
 
 
+@dataclass(frozen=True)
+class DwarfSource:
+    """A file to index: its first PT_LOAD vaddr, and the ELF symbols that check names."""
+
+    path: Path
+    load_address: int
+    symbols: SymbolTable
+
+
 def local_dwarf_source(
     binary: BinaryIndex, opened: OpenedBinary, debug_dirs: tuple[str, ...]
-) -> tuple[Path, int] | None:
-    """(file to index, its first PT_LOAD vaddr): the separate debug file, else the binary."""
+) -> DwarfSource | None:
+    """The file to index: the separate debug file, else the binary; None without DWARF."""
     roots = [opened.root] if opened.root == Path("/") else [opened.root, Path("/")]
     debug = find_debug_file(
         binary.mapped_path,
@@ -95,10 +104,17 @@ def local_dwarf_source(
             BINARY_ERRORS.labels(reason="debug_file").inc()
         else:
             if not debug_elf.build_id or debug_elf.build_id == binary.elf.build_id:
-                return debug, debug_elf.load_address
+                return DwarfSource(
+                    debug, debug_elf.load_address, checking_symbols(debug_elf, binary)
+                )
     if binary.elf.has_dwarf:
-        return Path(opened.path), binary.elf.load_address
+        return DwarfSource(Path(opened.path), binary.elf.load_address, binary.elf.symbols)
     return None
+
+
+def checking_symbols(debug_elf: ElfInfo, binary: BinaryIndex) -> SymbolTable:
+    """A debug file's symbols (its .symtab has the static functions), else the binary's."""
+    return debug_elf.symbols if len(debug_elf.symbols) else binary.elf.symbols
 
 
 def vdso_binary(image: bytes) -> BinaryIndex | None:

@@ -20,13 +20,17 @@ from agent.metrics import BINARY_ERRORS
 from agent.symbolize.debuginfod import DebuginfodClient, Status
 from agent.symbolize.diskcache import SymbolStore
 from agent.symbolize.dwarf import DwarfError, DwarfIndex
-from agent.symbolize.elf import ElfInfo, ElfReadError
-from agent.symbolize.index import BinaryIndex, DwarfState, local_dwarf_source
+from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
+from agent.symbolize.index import (
+    BinaryIndex,
+    DwarfSource,
+    DwarfState,
+    checking_symbols,
+    local_dwarf_source,
+)
 from agent.symbolize.index_child import IndexFailure, IndexLimits, build_symcache
 
 log = logging.getLogger(__name__)
-
-Source = tuple[Path, int]  # file to index, its first PT_LOAD p_vaddr
 
 
 @dataclass
@@ -63,7 +67,7 @@ class DwarfBuilder:
         on_download runs (on a download thread) when a debuginfod fetch this call
         started has ended: the caller requeues the binary then.
         """
-        dwarf = self._open_cached(binary.key)
+        dwarf = self._open_cached(binary.key, lambda: self._symbols_of(binary))
         if dwarf is not None:
             binary.install(DwarfState.READY, dwarf)
             return True
@@ -78,7 +82,17 @@ class DwarfBuilder:
         binary.install(DwarfState.READY if dwarf else DwarfState.FAILED, dwarf)
         return dwarf is not None
 
-    def _source(self, binary: BinaryIndex, on_download: Callable[[], None]) -> Source | DwarfState:
+    def _symbols_of(self, binary: BinaryIndex) -> SymbolTable:
+        """The symbols that check a cached index's names: its debug file's, if local."""
+        present = binary.opened is not None and binary.file_exists()
+        local = None
+        if present and binary.opened is not None:
+            local = local_dwarf_source(binary, binary.opened, self.debug_dirs)
+        return local.symbols if local is not None else binary.elf.symbols
+
+    def _source(
+        self, binary: BinaryIndex, on_download: Callable[[], None]
+    ) -> DwarfSource | DwarfState:
         """Where the DWARF is, or the state to leave the binary in when it is nowhere yet."""
         present = binary.opened is not None and binary.file_exists()
         if present and binary.opened is not None:
@@ -97,20 +111,23 @@ class DwarfBuilder:
         return DwarfState.NONE if present else DwarfState.PENDING
 
     @staticmethod
-    def _downloaded_source(path: Path, binary: BinaryIndex) -> Source | DwarfState:
+    def _downloaded_source(path: Path, binary: BinaryIndex) -> DwarfSource | DwarfState:
         try:
             elf = ElfInfo.read(str(path))
         except (OSError, ElfReadError):
             BINARY_ERRORS.labels(reason="debug_file").inc()
             return DwarfState.FAILED
-        return path, elf.load_address if elf.loads else binary.elf.load_address
+        load_address = elf.load_address if elf.loads else binary.elf.load_address
+        return DwarfSource(path, load_address, checking_symbols(elf, binary))
 
-    def _open_cached(self, key: str) -> DwarfIndex | None:
+    def _open_cached(
+        self, key: str, symbols: Callable[[], SymbolTable | None]
+    ) -> DwarfIndex | None:
         cached = self.store.lookup(key)
         if cached is None:
             return None
         try:
-            dwarf = DwarfIndex.open(cached.path, cached.load_address)
+            dwarf = DwarfIndex.open(cached.path, cached.load_address, symbols())
         except DwarfError as exc:
             log.info("dropping unusable symbol cache entry: %s", exc)
             self.store.discard(key)
@@ -118,18 +135,19 @@ class DwarfBuilder:
         self.stats.loaded += 1
         return dwarf
 
-    def _build(self, key: str, source: Source) -> DwarfIndex | None:
+    def _build(self, key: str, source: DwarfSource) -> DwarfIndex | None:
         """Build, store and map the SymCache of source; one builder per key at a time."""
-        path, load_address = source
+        path, load_address = source.path, source.load_address
         with self.store.locked(key):
-            dwarf = self._open_cached(key)  # built by another thread or process meanwhile
+            # Built by another thread or process meanwhile?
+            dwarf = self._open_cached(key, lambda: source.symbols)
             if dwarf is not None:
                 return dwarf
             temp = self.store.temp_path(key)
             try:
                 result = build_symcache(path, temp, self.limits)
                 # Mapped before commit: if the bound evicts it at once, the mapping stays valid.
-                dwarf = DwarfIndex.open(temp, load_address)
+                dwarf = DwarfIndex.open(temp, load_address, source.symbols)
                 self.store.commit(key, temp, load_address)
             except (IndexFailure, DwarfError) as exc:
                 reason = exc.reason if isinstance(exc, IndexFailure) else "dwarf"
