@@ -19,6 +19,7 @@ from typing import IO, Any
 from elftools.elf.elffile import ELFFile
 
 from agent.model import Mapping
+from agent.symbolize.plt import plt_symbols
 
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
@@ -326,7 +327,7 @@ def _has_dwarf(elf: ELFFile) -> bool:
 
 
 def _function_symbols(elf: ELFFile) -> list[RawSymbol]:
-    """(value, size, name) of defined functions in .symtab and .dynsym.
+    """(value, size, name) of defined functions in .symtab and .dynsym, and PLT stubs.
 
     Parsed with struct rather than pyelftools' per-symbol objects: ~10x faster on
     large libraries, and this runs on the sampling path.
@@ -340,7 +341,7 @@ def _function_symbols(elf: ELFFile) -> list[RawSymbol]:
             continue
         strings = elf.get_section(section["sh_link"]).data()
         symbols.extend(_parse_symbols(section.data(), strings, elf.elfclass, elf.little_endian))
-    return symbols
+    return symbols + plt_symbols(elf)
 
 
 def _parse_symbols(
