@@ -25,6 +25,17 @@ SAMPLES_LOST = _counter("strobe_samples_lost", "Samples lost in BPF, by reason."
 UNIQUE_STACKS = _gauge("strobe_window_unique_stacks", "Unique stacks in the last window.")
 MAP_FILL = _gauge("strobe_bpf_map_fill_ratio", "Fill of a BPF map at the last drain.", ("map",))
 WINDOWS = _counter("strobe_windows", "Profiling windows processed.")
+UNWIND_WALK_EVENTS = _counter(
+    "strobe_unwind_walk_events",
+    "Table unwinder in BPF: frames stepped (table_frames, frame_pointer_frames) and how "
+    "walks ended (stack_end, stopped, truncated, no_route, no_table, ...).",
+    ("event",),
+)
+UNWIND_TABLES_REFUSED = _gauge(
+    "strobe_unwind_tables_refused",
+    "Binaries whose unwind table did not fit the rows budget (their stacks end there "
+    "unless they keep frame pointers).",
+)
 WINDOW_SECONDS = Histogram(
     "strobe_window_processing_seconds",
     "Time to turn one window of samples into profiles.",

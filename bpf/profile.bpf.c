@@ -207,7 +207,7 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 #define SEARCH_STEPS 24         // binary search over up to 2^24 rows of one binary
 #define HASH_SEED 0xcbf29ce484222325ULL
 #define HASH_MULTIPLIER 0x9e3779b97f4a7c15ULL
-#define REFRESH_NS 5000000000ULL
+#define REFRESH_NS 250000000ULL  // dlopen bursts (Python imports) are routed within this
 #define USER_SPACE_END 0x800000000000ULL
 
 // Keep in step with agent/unwind/table.py.
@@ -229,6 +229,8 @@ enum unwind_stat {
     STAT_TRUNCATED,      // walks that hit MAX_USER_FRAMES or the tail-call limit
     STAT_NO_USER_REGS,   // samples without user registers (kernel threads)
     STAT_TAIL_CALL_FAILED,
+    STAT_NO_ROUTE,       // walks stopped at code user space has not routed yet (new process or code)
+    STAT_NO_TABLE,       // walks stopped at code whose table was refused (no room) and has no frame pointers
     UNWIND_STATS,
 };
 
@@ -248,8 +250,11 @@ struct mapping_key {
 struct mapping_value {
     u64 bias;         // table PC = runtime address - bias
     u32 first_row;    // the binary's rows: unwind_rows[first_row, first_row + row_count)
-    u32 row_count;
+    u32 row_count;    // 0: no table; first_row then says ROUTE_FRAME_POINTERS or ROUTE_STOP
 };
+// Keep in step with agent/unwind/mappings.py.
+#define ROUTE_FRAME_POINTERS 0xfffffffeU  // code without .eh_frame (Go, JIT): frame pointers
+#define ROUTE_STOP 0xffffffffU            // code without a table or frame pointers: stop here
 
 struct user_stack {
     u64 len;
@@ -441,15 +446,24 @@ static __always_inline int unwind_frame(struct unwind_state *st) {
         .address_be = __builtin_bswap64(pc),
     };
     struct mapping_value *mapping = unwind_mappings.lookup(&key);
-    if (mapping) {
-        struct unwind_row *row = find_row(mapping, pc - mapping->bias);
-        if (row) {
-            int result = table_step(st, row);
-            if (result != STEP_TRY_FP)
-                return result;
-        }
-    } else {
+    if (!mapping) {
+        // Not routed yet (a new process, or code mapped since): a frame-pointer guess
+        // in code built without them makes junk frames, so the walk ends here.
         note_unknown_mapping(st, pc);
+        count_stat(STAT_NO_ROUTE);
+        return STEP_DONE;
+    }
+    if (mapping->row_count == 0) {
+        if (mapping->first_row == ROUTE_FRAME_POINTERS)
+            return frame_pointer_step(st);
+        count_stat(STAT_NO_TABLE);
+        return STEP_DONE;
+    }
+    struct unwind_row *row = find_row(mapping, pc - mapping->bias);
+    if (row) {
+        int result = table_step(st, row);
+        if (result != STEP_TRY_FP)
+            return result;
     }
     return frame_pointer_step(st);
 }

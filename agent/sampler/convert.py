@@ -33,6 +33,8 @@ UNWIND_STATS = (
     "truncated",  # walks cut at 127 frames or at the tail-call limit
     "no_user_registers",  # samples without user registers (kernel threads)
     "tail_call_failed",  # walker not loaded: the sample fell back to frame pointers
+    "no_route",  # walks stopped at code not routed yet (a new process, or code mapped since)
+    "no_table",  # walks stopped at code whose table was refused and that has no frame pointers
 )
 
 EVENT_FIRST_SAMPLE = 0

@@ -95,6 +95,7 @@ class Sampler:
         self._program: SamplerProgram | None = None
         self._unwind_worker: UnwindWorker | None = None
         self._unwind_seen: tuple[int, ...] = ()
+        self._unwind_exported: tuple[int, ...] = ()  # walker counters as of the last metrics
         self._slot = 0
         self._window_start_ns = 0
         self._lost_seen: tuple[int, ...] = ()
@@ -224,6 +225,13 @@ class Sampler:
             stats = tables.stats()
             rows = fill_ratio(stats.rows_used, stats.rows_capacity)
             metrics.MAP_FILL.labels("unwind_rows").set(rows)
+            metrics.UNWIND_TABLES_REFUSED.set(stats.refused_tables)
+        current = program.read_unwind_stats()
+        previous = self._unwind_exported or (0,) * len(current)
+        self._unwind_exported = current
+        for name, now, before in zip(UNWIND_STATS, current, previous, strict=True):
+            if now > before:
+                metrics.UNWIND_WALK_EVENTS.labels(name).inc(now - before)
 
     def bpf_run_stats(self) -> dict[str, tuple[int, int]]:
         """Program -> (run_time_ns, run_cnt); counted only with kernel.bpf_stats_enabled=1."""

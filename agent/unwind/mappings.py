@@ -26,6 +26,11 @@ class Prefix:
     bits: int
 
 
+# struct mapping_value with row_count 0: how to walk code that has no table loaded.
+ROUTE_FRAME_POINTERS = 0xFFFF_FFFE  # no .eh_frame (Go, JIT code), or built with them
+ROUTE_STOP = 0xFFFF_FFFF  # table refused and no frame pointers: a guess would be junk
+
+
 @dataclass(frozen=True)
 class MappingTarget:
     """struct mapping_value: table pc = runtime address - bias (mod 2**64)."""
@@ -33,6 +38,11 @@ class MappingTarget:
     bias: int
     first_row: int
     row_count: int
+
+    @classmethod
+    def without_table(cls, frame_pointers: bool) -> MappingTarget:
+        """Code with no table: walk it with frame pointers, or end the stack there."""
+        return cls(0, ROUTE_FRAME_POINTERS if frame_pointers else ROUTE_STOP, 0)
 
 
 def address_prefixes(start: int, end: int) -> tuple[Prefix, ...]:

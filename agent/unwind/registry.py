@@ -78,6 +78,18 @@ class _LoadedTable:
     users: set[int] = field(default_factory=set)  # pids
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A binary without a loaded table: rows it needs (0: it has none), and whether
+    its code keeps frame pointers (the walk then goes on with them)."""
+
+    rows_needed: int
+    frame_pointers: bool
+
+
+_NO_TABLE = _Refused(0, True)  # no .eh_frame at all (Go, JIT code): frame pointers
+
+
 @dataclass
 class _Process:
     start_time: int
@@ -93,6 +105,7 @@ class UnwindTableStats:
     failed_binaries: int
     routes: int  # (pid, address prefix) entries in the BPF trie
     idle_tables: int = 0  # loaded, used by no process, kept for reuse (counted in tables)
+    refused_tables: int = 0  # binaries with a table that did not fit the rows
 
 
 class UnwindTables:
@@ -113,7 +126,7 @@ class UnwindTables:
         self._allocator = RowAllocator(maps.unwind_rows_capacity)
         self._tables: dict[str, _LoadedTable] = {}
         self._processes: dict[int, _Process] = {}
-        self._failed: OrderedDict[str, int] = OrderedDict()  # key -> rows needed (0: no table)
+        self._failed: OrderedDict[str, _Refused] = OrderedDict()
         self._idle: OrderedDict[str, float] = OrderedDict()  # key -> idle since, oldest first
         self._idle_seconds = idle_seconds
         self._clock = clock
@@ -124,15 +137,17 @@ class UnwindTables:
         """Load tables for the process's executable mappings and route its addresses.
 
         Replaces what was routed for this pid before (an exec, or a pid reused by a new
-        process). Returns how many mappings now have a table. The agent's own process
-        gets none: its stacks use frame pointers, and bcc's LLVM alone (1.7M rows) would
-        take most of the rows budget. Tables are parsed outside the lock, so stats()
-        and other processes' routes never wait for a large binary.
+        process). Every executable mapping gets a route, so an address with none is
+        code the walker must not guess at: with a table; else with frame pointers (no
+        .eh_frame, as Go and JIT code, or a file we cannot read); else, for a refused
+        table of code without frame pointers, a stop. Returns how many mappings now
+        have a table. The agent's own process gets frame pointers only: bcc's LLVM
+        alone (1.7M rows) would take most of the rows budget. Tables are parsed
+        outside the lock, so stats() and other processes' routes never wait.
         """
-        if process.pid == self._own_pid:
-            return 0
-        sources = [(m, s) for m in process.mappings if (s := self._resolve(process.pid, m))]
-        parsed = self._parse_missing(source for _, source in sources)
+        own = process.pid == self._own_pid
+        sources = [(m, None if own else self._resolve(process.pid, m)) for m in process.mappings]
+        parsed = self._parse_missing(source for _, source in sources if source is not None)
         with self._lock:
             old = self._processes.get(process.pid)
             if old is not None and old.start_time != process.start_time:
@@ -140,12 +155,12 @@ class UnwindTables:
                 old = None
             routes: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]] = {}
             for mapping, source in sources:
-                route = self._route(process.pid, mapping, source.key, parsed)
+                route = self._route(process.pid, mapping, source, parsed)
                 if route is not None:
                     routes[(mapping.start, mapping.end)] = route
             self._replace_routes(process.pid, old, routes)
             self._processes[process.pid] = _Process(process.start_time, routes)
-            return len(routes)
+            return sum(1 for key, _ in routes.values() if key in self._tables)
 
     def forget(self, pid: int) -> None:
         """Drop the pid's routes; tables no process uses any more are freed."""
@@ -173,6 +188,7 @@ class UnwindTables:
                 processes=len(self._processes),
                 failed_binaries=len(self._failed),
                 idle_tables=len(self._idle),
+                refused_tables=sum(1 for r in self._failed.values() if r.rows_needed),
                 routes=sum(
                     len(prefixes)
                     for entry in self._processes.values()
@@ -210,45 +226,61 @@ class UnwindTables:
         with self._lock:
             if key in self._tables:
                 return False
-            needed = self._failed.get(key)
+            refused = self._failed.get(key)
             reclaimable = sum(self._tables[idle].row_count for idle in self._idle)
-            return needed is None or 0 < needed <= self._allocator.largest_free + reclaimable
+            return refused is None or (
+                0 < refused.rows_needed <= self._allocator.largest_free + reclaimable
+            )
 
     def _route(
-        self, pid: int, mapping: Mapping, key: str, parsed: dict[str, UnwindTable | None]
+        self,
+        pid: int,
+        mapping: Mapping,
+        source: BinarySource | None,
+        parsed: dict[str, UnwindTable | None],
     ) -> tuple[str, tuple[Prefix, ...]] | None:
+        key = source.key if source is not None else ""
         table = self._tables.get(key) or self._install(key, parsed)
-        if table is None:
-            return None
-        bias = table_bias(mapping, table.loads, table.base)
-        if bias is None:
-            return None
+        bias = table_bias(mapping, table.loads, table.base) if table is not None else None
+        if table is None or bias is None:
+            # A refused table of code without frame pointers ends the walk, cleanly.
+            refused = self._failed.get(key, _NO_TABLE)
+            target = MappingTarget.without_table(frame_pointers=refused.frame_pointers)
+            key = ""
+        else:
+            target = MappingTarget(bias, table.first_row, table.row_count)
         prefixes = address_prefixes(mapping.start, mapping.end)
-        target = MappingTarget(bias, table.first_row, table.row_count)
         try:
             self._maps.add_unwind_mappings(pid, prefixes, target)
-        except Exception as exc:  # the mappings map is full: this mapping stays on frame pointers
+        except Exception as exc:  # the mappings map is full: the walk stops at this code
             log.warning("unwind mappings for pid %d not added: %s", pid, exc)
             return None
-        table.users.add(pid)
-        self._idle.pop(key, None)
+        if table is not None and key:
+            table.users.add(pid)
+            self._idle.pop(key, None)
         return key, prefixes
 
     def _install(self, key: str, parsed: dict[str, UnwindTable | None]) -> _LoadedTable | None:
         """Write a parsed table into free rows; None when there is none or no room."""
         if key not in parsed:
-            return None  # refused before, and still no room
+            return None  # refused before, and still no room (or no file at all)
         table = parsed.pop(key)  # one install per prepare, whatever maps it twice
         if table is None:
-            self._remember_failure(key, 0)
+            self._remember_failure(key, _NO_TABLE)
             return None
         first_row = self._allocator.allocate(len(table))
         while first_row is None and self._idle:  # make room: idle tables go first
             self._free_idle()
             first_row = self._allocator.allocate(len(table))
         if first_row is None:
-            log.warning("unwind rows full: %s needs %d rows", key, len(table))
-            self._remember_failure(key, len(table))
+            refused = _Refused(len(table), table.has_frame_pointers())
+            log.warning(
+                "unwind rows full: %s needs %d rows; its stacks %s there",
+                key,
+                len(table),
+                "use frame pointers" if refused.frame_pointers else "end",
+            )
+            self._remember_failure(key, refused)
             return None
         self._failed.pop(key, None)
         self._maps.write_unwind_rows(first_row, table.packed)
@@ -256,8 +288,8 @@ class UnwindTables:
         self._tables[key] = loaded
         return loaded
 
-    def _remember_failure(self, key: str, rows_needed: int) -> None:
-        self._failed[key] = rows_needed
+    def _remember_failure(self, key: str, refused: _Refused) -> None:
+        self._failed[key] = refused
         self._failed.move_to_end(key)
         while len(self._failed) > MAX_REMEMBERED_FAILURES:
             self._failed.popitem(last=False)

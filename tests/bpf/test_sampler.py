@@ -84,6 +84,13 @@ def wait_cpu_seconds(proc: subprocess.Popen[bytes], timeout: float = 30) -> floa
     return (utime + stime) / CLK_TCK
 
 
+def serve_pid_events(sampler: Sampler, seconds: float) -> None:
+    """Hand pid events to the unwind worker for `seconds`, as the agent's loop does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sampler.poll_new_processes(timeout_ms=20)
+
+
 def exited(proc: subprocess.Popen[bytes]) -> bool:
     """Whether the child exited, leaving it unreaped (a zombie) for wait_cpu_seconds."""
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
@@ -119,7 +126,7 @@ def test_spinning_process_is_sampled_with_its_call_chain(
     binary = c_binaries / "spin_pie"
     proc = subprocess.Popen([str(binary), "3"])
     processes.append(proc)
-    time.sleep(0.5)
+    serve_pid_events(sampler, 0.5)  # as the agent's loop does: tables come from them
     base = load_base(proc.pid, binary)
     cpu_seconds = wait_cpu_seconds(proc)
 

@@ -318,3 +318,102 @@ def test_bad_unwinder_arguments_are_refused() -> None:
         Sampler(unwinder="lbr")
     with pytest.raises(ValueError):
         Sampler(unwind_table_rows=0)
+
+
+def build_rust_release(directory: Path) -> Path:
+    """tests/symbolize/data/work.rs as `rustc -O` builds it: lld-linked, no frame pointers."""
+    binary = directory / "work"
+    source = REPO / "tests" / "symbolize" / "data" / "work.rs"
+    subprocess.run([require_tool("rustc"), "-O", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def build_go(directory: Path) -> Path:
+    """tests/data/go/spin.go with `go build`'s defaults (Debian's Go, offline)."""
+    binary = directory / "spin"
+    env = {**os.environ, "GOCACHE": str(directory / "gocache"), "GO111MODULE": "off"}
+    env["GOPROXY"] = "off"
+    source = REPO / "tests" / "data" / "go" / "spin.go"
+    subprocess.run(
+        [require_tool("go"), "build", "-o", str(binary), str(source)], check=True, env=env
+    )
+    return binary
+
+
+def first_window(sampler: Sampler, argv: list[str], seconds: float = 10.0) -> list[StackSample]:
+    """Start argv under a running sampler and keep its first window (the agent's default
+    10 s), with tables made only the agent's way: from pid events (exec, first sample,
+    code not routed yet), by the worker. A binary never seen before has its leaf-only
+    stacks while its table is parsed (~0.25 s for Debian's python3.11: 2.5% of the
+    window at 99 Hz); one whose table is loaded costs a route: none are cut."""
+    sampler.poll_new_processes()
+    sampler.drain()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    samples: list[StackSample] = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            sampler.poll_new_processes(timeout_ms=20)  # as the daemon's loop does
+        captured = read_process(proc.pid)
+        samples = [s for s in sampler.drain().samples if s.pid == proc.pid]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert captured is not None
+    samples_info[proc.pid] = captured
+    return samples
+
+
+samples_info: dict[int, ProcessInfo] = {}
+
+
+@pytest.mark.parametrize("program", ["c-no-frame-pointers", "debian-python3", "rust", "go"])
+def test_stacks_are_whole_from_the_first_window(
+    dwarf: Sampler, deep_nofp: Path, tmp_path: Path, program: str
+) -> None:
+    argv, outermost = {
+        "c-no-frame-pointers": (lambda: [str(deep_nofp), "30"], {"main"}),
+        "debian-python3": (lambda: [SYSTEM_PYTHON, "-c", CPU_BOUND, "30"], {"Py_BytesMain"}),
+        "rust": (lambda: [str(build_rust_release(tmp_path)), "100000000"], {"main"}),
+        "go": (lambda: [str(build_go(tmp_path)), "30"], {"main.main"}),
+    }[program]
+    samples = first_window(dwarf, argv())
+    info = samples_info[samples[0].pid] if samples else None
+    assert info is not None, "no samples of the program"
+    ratio, total = reach_ratio(samples, info, outermost)
+    assert total >= 300, total
+    assert ratio >= 0.95, (program, ratio, total)
+
+
+def longest_unnamed_run(names: list[str]) -> int:
+    longest = run = 0
+    for name in names:
+        run = run + 1 if not name else 0
+        longest = max(longest, run)
+    return longest
+
+
+def test_a_refused_table_ends_stacks_cleanly_instead_of_guessing(
+    require_bpf: None, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Rows for libc but not for Debian's python3.11 (58k rows, no frame pointers): its
+    stacks stop at the python frame instead of following rbp into junk (before: one
+    real frame and up to 126 of garbage such as 0x6), and the metric says why."""
+    with Sampler(frequency=FREQUENCY, unwinder="dwarf", unwind_table_rows=40_000) as sampler:
+        sampler.start()
+        info = started(processes, [SYSTEM_PYTHON, "-c", CPU_BOUND, "60"])
+        tables = sampler.unwind_tables
+        assert tables is not None
+        tables.prepare(info)
+        assert tables.stats().failed_binaries >= 1  # python3.11 did not fit
+        sampler.drain()
+        sampler.unwind_stats()
+        samples = samples_of(sampler, info.pid, enough=100)
+        symbolizer = Symbolizer()
+        runs = [
+            longest_unnamed_run(function_names(symbolizer, info, s.user_stack)) for s in samples
+        ]
+        assert sum(s.count for s in samples) >= 100
+        assert max(runs) < 3, runs
+        assert max(len(s.user_stack) for s in samples) <= 8
+        assert sampler.unwind_stats()["no_table"] > 0

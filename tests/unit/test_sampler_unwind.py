@@ -45,6 +45,8 @@ def test_unwind_stats_match_the_bpf_enum() -> None:
         "truncated",
         "no_user_regs",
         "tail_call_failed",
+        "no_route",
+        "no_table",
     ]
     assert UNWIND_STATS[1] == "frame_pointer_frames" and UNWIND_STATS[5] == "no_user_registers"
 

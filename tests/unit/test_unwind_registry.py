@@ -324,11 +324,15 @@ def test_binaries_that_do_not_fit_are_refused_and_retried_when_room_is_made(
     assert tables.prepare(sleep_only) == 1
     assert tables.prepare(dataclasses.replace(info, mappings=(libc_mapping,))) == 0
     assert tables.stats().failed_binaries == 1
+    # libc keeps no frame pointers: a walk that reaches it ends there instead of guessing.
+    libc_prefixes = address_prefixes(libc_mapping.start, libc_mapping.end)
+    stop = MappingTarget.without_table(frame_pointers=False)
+    assert {maps.routes[(info.pid, prefix)] for prefix in libc_prefixes} == {stop}
     tables.forget(info.pid)  # sleep's rows are freed: libc fits now
     assert tables.prepare(dataclasses.replace(info, mappings=(libc_mapping,))) == 1
 
 
-def test_unreadable_and_non_elf_mappings_are_skipped(
+def test_unreadable_and_non_elf_mappings_get_frame_pointers(
     tmp_path: Path, sleepers: list[subprocess.Popen[bytes]]
 ) -> None:
     text = tmp_path / "script.txt"
@@ -344,17 +348,22 @@ def test_unreadable_and_non_elf_mappings_are_skipped(
     maps = MemoryMaps(1000)
     tables = UnwindTables(maps)
     assert tables.prepare(odd) == 0
-    assert maps.routes == {} and tables.stats().tables == 0
+    # Routed all the same: the walker guesses only where a route says so.
+    frame_pointers = MappingTarget.without_table(frame_pointers=True)
+    assert set(maps.routes.values()) == {frame_pointers} and len(maps.routes) == 3
+    assert tables.stats().tables == 0
     assert tables.stats().failed_binaries == 1  # the text file was opened, then refused
     assert tables.prepare(odd) == 0  # and not read again
 
 
-def test_the_agent_itself_gets_no_tables() -> None:
+def test_the_agent_itself_gets_frame_pointers_only() -> None:
     own = read_process(os.getpid())
     assert own is not None and own.mappings
-    tables = UnwindTables(MemoryMaps(1_000_000))
+    maps = MemoryMaps(1_000_000)
+    tables = UnwindTables(maps)
     assert tables.prepare(own) == 0
-    assert tables.stats().processes == 0
+    assert tables.stats().tables == 0 and tables.stats().rows_used == 0
+    assert set(maps.routes.values()) == {MappingTarget.without_table(frame_pointers=True)}
 
 
 def test_vdso_gets_a_table(sleepers: list[subprocess.Popen[bytes]]) -> None:
