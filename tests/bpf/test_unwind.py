@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.model import ProcessInfo, StackSample
+from agent.process.cache import ProcessCache
 from agent.process.reader import read_process
 from agent.sampler import Sampler
 from agent.sampler.convert import UNWIND_STATS
@@ -417,3 +418,35 @@ def test_a_refused_table_ends_stacks_cleanly_instead_of_guessing(
         assert max(runs) < 3, runs
         assert max(len(s.user_stack) for s in samples) <= 8
         assert sampler.unwind_stats()["no_table"] > 0
+
+
+BCC_COMPILES = (
+    "import sys, time\n"
+    "from bcc import BPF\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end:\n"
+    "    BPF(text='int f(void *ctx) { return 0; }').cleanup()\n"
+)
+
+
+def test_a_whole_host_profile_while_bcc_compiles_has_no_junk_stacks(
+    dwarf: Sampler, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """bcc's compiles run libclang-cpp and libLLVM (1.7M rows together, no frame
+    pointers) on Debian's python3: whatever fits the rows gets tables, the rest ends
+    stacks; no stack of any process may hold 16 or more unnamed frames in a row."""
+    cache = ProcessCache()
+    processes.append(subprocess.Popen([SYSTEM_PYTHON, "-c", BCC_COMPILES, "8"]))
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        for new in dwarf.poll_new_processes(timeout_ms=50):  # as the daemon's loop does
+            cache.capture(new.pid, reread=new.after_exec)
+    window = dwarf.drain()
+    symbolizer = Symbolizer()
+    runs = []
+    for sample in window.samples:
+        process = cache.get_covering(sample.pid, sample.user_stack)
+        names = function_names(symbolizer, process, sample.user_stack) if process else []
+        runs.append((longest_unnamed_run(names), sample.comm, len(sample.user_stack)))
+    assert len(window.samples) >= 50
+    assert max(runs)[0] < 16, sorted(runs, reverse=True)[:5]
