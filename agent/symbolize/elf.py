@@ -75,6 +75,10 @@ def runtime_to_elf_vaddr(
 
 
 RawSymbol = tuple[int, int, str, bool]  # value, size, name, is global
+# Sections only Go's linker writes (the line table survives `-ldflags='-s -w'`).
+GO_SECTION_NAMES = frozenset(
+    (".gopclntab", ".data.rel.ro.gopclntab", ".note.go.buildid", ".go.buildinfo")
+)
 
 
 class SymbolTable:
@@ -152,6 +156,7 @@ class ElfInfo:
     debuglink: DebugLink | None
     has_dwarf: bool  # carries .debug_info (possibly compressed)
     symbols: SymbolTable
+    is_go: bool = False  # built by Go: names are in its line table (gopclntab.py)
 
     @property
     def load_address(self) -> int:
@@ -177,6 +182,7 @@ class ElfInfo:
                 debuglink=_debuglink(elf),
                 has_dwarf=_has_dwarf(elf),
                 symbols=SymbolTable(_function_symbols(elf)),
+                is_go=any(s.name in GO_SECTION_NAMES for s in elf.iter_sections()),
             )
         except OSError:
             raise

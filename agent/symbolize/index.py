@@ -14,6 +14,7 @@ from agent.symbolize.binaries import OpenedBinary
 from agent.symbolize.debugfiles import find_debug_file
 from agent.symbolize.dwarf import DwarfIndex, frame_of
 from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
+from agent.symbolize.gopclntab import GoTable, GoTableError
 
 MAX_CACHED_FRAMES = 16384  # per binary; hot addresses repeat every window
 
@@ -45,10 +46,17 @@ class BinaryIndex:
         self.mapped_path = mapped_path
         self.state = DwarfState.PENDING if opened is not None else DwarfState.NONE
         self._lookup = _Lookup(None)
+        self.go = read_go_table(opened.path) if opened is not None and elf.is_go else None
 
     @property
     def build_id(self) -> str:
+        """The GNU build id (what debug files and debuginfod are keyed by)."""
         return self.elf.build_id
+
+    @property
+    def mapping_build_id(self) -> str:
+        """What a profile's mapping carries: the GNU build id, else Go's."""
+        return self.elf.build_id or (self.go.build_id if self.go is not None else "")
 
     def frames(self, vaddr: int) -> tuple[Frame, ...]:
         """Frames at an ELF vaddr: DWARF when ready, else the ELF symbol; () if unknown."""
@@ -57,6 +65,8 @@ class BinaryIndex:
         if cached is not None:
             return cached
         frames = lookup.dwarf.lookup(vaddr) if lookup.dwarf is not None else ()
+        if not frames and self.go is not None:
+            frames = self.go.frames(vaddr)
         if not frames:
             name = self.elf.symbols.lookup(vaddr)
             frames = (frame_of(name, "", 0),) if name else ()
@@ -115,6 +125,17 @@ def local_dwarf_source(
 def checking_symbols(debug_elf: ElfInfo, binary: BinaryIndex) -> SymbolTable:
     """A debug file's symbols (its .symtab has the static functions), else the binary's."""
     return debug_elf.symbols if len(debug_elf.symbols) else binary.elf.symbols
+
+
+def read_go_table(path: str) -> GoTable | None:
+    """The Go line table of a Go binary; None (counted) when it cannot be read."""
+    try:
+        return GoTable.read(path)
+    except GoTableError:
+        BINARY_ERRORS.labels(reason="go_table").inc()
+    except OSError:
+        BINARY_ERRORS.labels(reason="unreadable").inc()
+    return None
 
 
 def vdso_binary(image: bytes) -> BinaryIndex | None:

@@ -291,7 +291,7 @@ class Symbolizer:
         vaddr = runtime_to_elf_vaddr(lookup, mapping, binary.elf.loads)
         frames = binary.frames(vaddr) if vaddr is not None else ()
         location = Location(
-            address=address, mapping=mapping, build_id=binary.build_id, frames=frames
+            address=address, mapping=mapping, build_id=binary.mapping_build_id, frames=frames
         )
         tally[USER_HIT if frames else USER_MISS] += 1
         self._spaces.remember(space, return_address, address, location)
