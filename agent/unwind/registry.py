@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_REMEMBERED_FAILURES = 4096
 MAX_REMEMBERED_KEYS = 4096
 DEFAULT_IDLE_SECONDS = 60.0
+BIG_BINARY = 16 << 20  # bytes; libclang-cpp (63 MB) parses in 4 s quiet, 15 s under load
 _BINARY_KEYS: dict[str, str] = {}  # file identity (dev:inode:mtime:size) -> sharing key
 
 
@@ -67,6 +68,7 @@ class BinarySource:
 
     key: str
     open: Callable[[], IO[bytes]]
+    size: int = 0  # bytes of the file: a big one takes seconds to parse
 
 
 @dataclass
@@ -131,6 +133,8 @@ class UnwindTables:
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._lock = threading.Lock()
+        self._parsing: set[str] = set()  # keys a thread is parsing (outside the lock)
+        self._parsing_big: set[str] = set()  # those of them at least BIG_BINARY in size
         self._own_pid = os.getpid()
 
     def prepare(self, process: ProcessInfo) -> int:
@@ -141,26 +145,57 @@ class UnwindTables:
         code the walker must not guess at: with a table; else with frame pointers (no
         .eh_frame, as Go and JIT code, or a file we cannot read); else, for a refused
         table of code without frame pointers, a stop. Returns how many mappings now
-        have a table. The agent's own process gets frame pointers only: bcc's LLVM
-        alone (1.7M rows) would take most of the rows budget. Tables are parsed
-        outside the lock, so stats() and other processes' routes never wait.
+        have a table. The agent's own process gets stops only (see _stop_own).
+        Tables are parsed outside the lock, so stats() and other processes' routes
+        never wait.
         """
-        own = process.pid == self._own_pid
-        sources = [(m, None if own else self._resolve(process.pid, m)) for m in process.mappings]
-        parsed = self._parse_missing(source for _, source in sources if source is not None)
+        if process.pid == self._own_pid:
+            return self._stop_own(process)
+        sources = [(m, self._resolve(process.pid, m)) for m in process.mappings]
+        claimed: set[str] = set()  # keys this call parses: others wait for them
+        try:
+            parsed = self._parse_missing((s for _, s in sources if s is not None), claimed)
+            with self._lock:
+                return self._route_all(process, sources, parsed)
+        finally:
+            if claimed:
+                with self._lock:
+                    self._parsing -= claimed
+                    self._parsing_big -= claimed
+
+    def _stop_own(self, process: ProcessInfo) -> int:
+        """The agent's own stacks end at their first frame: its python3 keeps no frame
+        pointers, and tables for it would take rows from the host's processes."""
+        stop = MappingTarget.without_table(frame_pointers=False)
         with self._lock:
-            old = self._processes.get(process.pid)
-            if old is not None and old.start_time != process.start_time:
-                self._forget(process.pid)
-                old = None
-            routes: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]] = {}
-            for mapping, source in sources:
-                route = self._route(process.pid, mapping, source, parsed)
-                if route is not None:
-                    routes[(mapping.start, mapping.end)] = route
-            self._replace_routes(process.pid, old, routes)
+            routes = {}
+            for mapping in process.mappings:
+                prefixes = address_prefixes(mapping.start, mapping.end)
+                self._maps.add_unwind_mappings(process.pid, prefixes, stop)
+                routes[(mapping.start, mapping.end)] = ("", prefixes)
+            self._replace_routes(process.pid, self._processes.get(process.pid), routes)
             self._processes[process.pid] = _Process(process.start_time, routes)
-            return sum(1 for key, _ in routes.values() if key in self._tables)
+            return 0
+
+    def _route_all(
+        self,
+        process: ProcessInfo,
+        sources: list[tuple[Mapping, BinarySource | None]],
+        parsed: dict[str, UnwindTable | None],
+    ) -> int:
+        """Route the process's mappings (lock held); how many have a table."""
+        old = self._processes.get(process.pid)
+        if old is not None and old.start_time != process.start_time:
+            self._forget(process.pid)
+            old = None
+        routes: dict[tuple[int, int], tuple[str, tuple[Prefix, ...]]] = {}
+        for mapping, source in sources:
+            route = self._route(process.pid, mapping, source, parsed)
+            if route is not None:
+                routes[(mapping.start, mapping.end)] = route
+        self._replace_routes(process.pid, old, routes)
+        self._processes[process.pid] = _Process(process.start_time, routes)
+        return sum(1 for key, _ in routes.values() if key in self._tables)
 
     def forget(self, pid: int) -> None:
         """Drop the pid's routes; tables no process uses any more are freed."""
@@ -208,12 +243,19 @@ class UnwindTables:
         except (OSError, ValueError):
             return False
 
-    def _parse_missing(self, sources: Iterable[BinarySource]) -> dict[str, UnwindTable | None]:
-        """Tables of the binaries not loaded yet (None: the file has none). No lock held."""
+    def _parse_missing(
+        self, sources: Iterable[BinarySource], claimed: set[str]
+    ) -> dict[str, UnwindTable | None]:
+        """Tables of the binaries not loaded yet (None: the file has none). No lock held.
+
+        A binary another thread is parsing is left to it: this process's mapping of it
+        stays unrouted until a walk that meets it asks again (an unknown-code event).
+        """
         parsed: dict[str, UnwindTable | None] = {}
         for source in sources:
-            if source.key in parsed or not self._worth_parsing(source.key):
+            if source.key in parsed or not self._claim(source.key, source.size >= BIG_BINARY):
                 continue
+            claimed.add(source.key)
             try:
                 with source.open() as stream:
                     parsed[source.key] = read_unwind_table(stream)
@@ -222,15 +264,28 @@ class UnwindTables:
                 parsed[source.key] = None
         return parsed
 
-    def _worth_parsing(self, key: str) -> bool:
+    def _claim(self, key: str, big: bool) -> bool:
+        """Whether this thread should parse key now (then it is marked being parsed).
+
+        One big binary at a time: the other thread stays free for small ones."""
         with self._lock:
-            if key in self._tables:
+            if key in self._parsing or not self._worth_parsing(key):
                 return False
-            refused = self._failed.get(key)
-            reclaimable = sum(self._tables[idle].row_count for idle in self._idle)
-            return refused is None or (
-                0 < refused.rows_needed <= self._allocator.largest_free + reclaimable
-            )
+            if big and self._parsing_big:
+                return False
+            self._parsing.add(key)
+            if big:
+                self._parsing_big.add(key)
+            return True
+
+    def _worth_parsing(self, key: str) -> bool:
+        if key in self._tables:
+            return False
+        refused = self._failed.get(key)
+        reclaimable = sum(self._tables[idle].row_count for idle in self._idle)
+        return refused is None or (
+            0 < refused.rows_needed <= self._allocator.largest_free + reclaimable
+        )
 
     def _route(
         self,
@@ -239,16 +294,10 @@ class UnwindTables:
         source: BinarySource | None,
         parsed: dict[str, UnwindTable | None],
     ) -> tuple[str, tuple[Prefix, ...]] | None:
-        key = source.key if source is not None else ""
-        table = self._tables.get(key) or self._install(key, parsed)
-        bias = table_bias(mapping, table.loads, table.base) if table is not None else None
-        if table is None or bias is None:
-            # A refused table of code without frame pointers ends the walk, cleanly.
-            refused = self._failed.get(key, _NO_TABLE)
-            target = MappingTarget.without_table(frame_pointers=refused.frame_pointers)
-            key = ""
-        else:
-            target = MappingTarget(bias, table.first_row, table.row_count)
+        target, table = self._target(mapping, source, parsed)
+        if target is None:
+            return None  # its table is being parsed: unrouted (the walk stops) until then
+        key = source.key if source is not None and table is not None else ""
         prefixes = address_prefixes(mapping.start, mapping.end)
         try:
             self._maps.add_unwind_mappings(pid, prefixes, target)
@@ -259,6 +308,27 @@ class UnwindTables:
             table.users.add(pid)
             self._idle.pop(key, None)
         return key, prefixes
+
+    def _target(
+        self,
+        mapping: Mapping,
+        source: BinarySource | None,
+        parsed: dict[str, UnwindTable | None],
+    ) -> tuple[MappingTarget | None, _LoadedTable | None]:
+        """Where the walker goes in this mapping, and the table it uses (lock held)."""
+        if source is None:  # no file to read: frame pointers
+            return MappingTarget.without_table(frame_pointers=True), None
+        table = self._tables.get(source.key) or self._install(source.key, parsed)
+        if table is None:
+            refused = self._failed.get(source.key)
+            if refused is None:
+                return None, None  # another thread is parsing it
+            # A refused table of code without frame pointers ends the walk, cleanly.
+            return MappingTarget.without_table(frame_pointers=refused.frame_pointers), None
+        bias = table_bias(mapping, table.loads, table.base)
+        if bias is None:  # no segment of the file fits the mapping: no guessing there
+            return MappingTarget.without_table(frame_pointers=False), None
+        return MappingTarget(bias, table.first_row, table.row_count), table
 
     def _install(self, key: str, parsed: dict[str, UnwindTable | None]) -> _LoadedTable | None:
         """Write a parsed table into free rows; None when there is none or no room."""
@@ -357,4 +427,8 @@ def resolve_binary(pid: int, mapping: Mapping, proc: Path = PROC) -> BinarySourc
             _BINARY_KEYS.clear()
         _BINARY_KEYS[opened.file_key] = key
     path = opened.path
-    return BinarySource(key, lambda: open(path, "rb"))
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0
+    return BinarySource(key, lambda: open(path, "rb"), size)

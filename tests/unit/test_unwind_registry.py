@@ -356,14 +356,14 @@ def test_unreadable_and_non_elf_mappings_get_frame_pointers(
     assert tables.prepare(odd) == 0  # and not read again
 
 
-def test_the_agent_itself_gets_frame_pointers_only() -> None:
+def test_the_agent_itself_gets_no_tables_and_no_guesses() -> None:
     own = read_process(os.getpid())
     assert own is not None and own.mappings
     maps = MemoryMaps(1_000_000)
     tables = UnwindTables(maps)
     assert tables.prepare(own) == 0
     assert tables.stats().tables == 0 and tables.stats().rows_used == 0
-    assert set(maps.routes.values()) == {MappingTarget.without_table(frame_pointers=True)}
+    assert set(maps.routes.values()) == {MappingTarget.without_table(frame_pointers=False)}
 
 
 def test_vdso_gets_a_table(sleepers: list[subprocess.Popen[bytes]]) -> None:
