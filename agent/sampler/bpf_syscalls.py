@@ -26,6 +26,7 @@ _SYSCALL_NUMBERS = {"x86_64": (321, 298), "aarch64": (280, 241)}
 
 # enum bpf_cmd
 BPF_MAP_CREATE = 0
+BPF_PROG_LOAD = 5
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -106,6 +107,23 @@ class _MapCreateAttr(ctypes.Structure):
         ("btf_value_type_id", _u32),
         ("btf_vmlinux_value_type_id", _u32),
         ("map_extra", _u64),
+    ]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", _u32),
+        ("insn_cnt", _u32),
+        ("insns", _u64),
+        ("license", _u64),
+        ("log_level", _u32),
+        ("log_size", _u32),
+        ("log_buf", _u64),
+        ("kern_version", _u32),
+        ("prog_flags", _u32),
+        ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("prog_ifindex", _u32),
+        ("expected_attach_type", _u32),
     ]
 
 
@@ -260,7 +278,7 @@ def _syscall(number: int, *args: object) -> int:
 _CMD_NAMES = {
     value: name
     for name, value in globals().items()
-    if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_RAW_", "BPF_ENABLE_"))
+    if name.startswith(("BPF_MAP_", "BPF_OBJ_", "BPF_RAW_", "BPF_ENABLE_", "BPF_PROG_L"))
     and not name.startswith("BPF_MAP_TYPE_")
     and name != "BPF_OBJ_NAME_LEN"
 }
@@ -350,7 +368,12 @@ def enable_run_time_stats() -> int:
 
 
 def create_map(
-    map_type: int, key_size: int, value_size: int, max_entries: int, name: str = ""
+    map_type: int,
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    name: str = "",
+    flags: int = 0,
 ) -> int:
     """BPF_MAP_CREATE; returns the new map's fd (close-on-exec)."""
     attr = _MapCreateAttr(
@@ -358,9 +381,42 @@ def create_map(
         key_size=key_size,
         value_size=value_size,
         max_entries=max_entries,
+        map_flags=flags,
         map_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
     )
     return bpf(BPF_MAP_CREATE, attr, f"new map {name!r} (type {map_type})")
+
+
+VERIFIER_LOG_BYTES = 1 << 20
+
+
+def load_program(
+    prog_type: int, insns: bytes, license: str, name: str, kern_version: int = 0
+) -> int:
+    """BPF_PROG_LOAD of ready instructions (map fds already in place); returns the fd.
+
+    On refusal the load is tried again with the verifier's log, which the OSError's
+    message then ends with."""
+    insn_buffer = ctypes.create_string_buffer(insns, len(insns))
+    license_buffer = ctypes.create_string_buffer(license.encode())
+    attr = _ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=len(insns) // 8,
+        insns=ctypes.addressof(insn_buffer),
+        license=ctypes.addressof(license_buffer),
+        kern_version=kern_version,
+        prog_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
+    )
+    try:
+        return bpf(BPF_PROG_LOAD, attr, f"program {name!r}")
+    except OSError as exc:
+        log = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        try:
+            return bpf(BPF_PROG_LOAD, attr, f"program {name!r}")  # passes: a transient refusal
+        except OSError:
+            tail = log.value.decode(errors="replace")[-4000:]
+            raise OSError(exc.errno, f"{exc.strerror}\n--- verifier log ---\n{tail}") from None
 
 
 def raw_tracepoint_open(name: str, prog_fd: int) -> int:

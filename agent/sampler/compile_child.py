@@ -88,11 +88,16 @@ class CompiledProgram:
     """Fds of a program's maps and loaded functions; `close()` releases them all."""
 
     def __init__(
-        self, maps: dict[str, MapFd], programs: dict[str, int], functions: Sequence[str]
+        self,
+        maps: dict[str, MapFd],
+        programs: dict[str, int],
+        functions: Sequence[str],
+        recipe: dict[str, Any] | None = None,
     ) -> None:
         self.maps = maps
         self.programs = programs  # function name -> program fd
         self.functions = tuple(functions)  # every function in the source
+        self.recipe = recipe  # how to load it again without a compiler (program_cache.py)
         self._closed = False
 
     def map(self, name: str) -> BpfMap:
@@ -256,7 +261,7 @@ def _compiled(received: list[tuple[str, str, int]], outcome: dict[str, Any]) -> 
     except BaseException:
         _close_fds(received)
         raise
-    return CompiledProgram(maps, programs, outcome.get("functions", []))
+    return CompiledProgram(maps, programs, outcome.get("functions", []), outcome.get("recipe"))
 
 
 def _failure(outcome: dict[str, Any] | None, returncode: int | None) -> str:

@@ -11,7 +11,9 @@ neither depends on nor pays for the rest of the package. Request (JSON on stdin)
      "tail_calls": {prog_array_map: {index: function}}}
 Messages to the parent (SOCK_SEQPACKET, one JSON object each):
     {"type": "fds", "items": [[kind, name], ...]}   with the matching fds attached
-    {"type": "done", "functions": [every function name in the source]}
+    {"type": "done", "functions": [every function name in the source],
+     "recipe": {"license": str, "kern_version": int,
+                "programs": {function: {"kind": str, "insns": hex, "maps": {insn index: map}}}}}
     {"type": "error", "error": str, "traceback": str}
 """
 
@@ -35,6 +37,9 @@ PROGRAM_KINDS = {
     "raw_tracepoint": 17,
     "tracing": 26,
 }
+INSN_SIZE = 8  # struct bpf_insn
+LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
+PSEUDO_MAP_FD = 1  # its src_reg when imm is a map fd
 MAX_FDS_PER_MESSAGE = 200  # the kernel takes at most 253 (SCM_MAX_FD) per message
 PR_SET_PDEATHSIG = 1
 
@@ -59,7 +64,7 @@ def main(argv: list[str]) -> int:
         batch = handles[start : start + MAX_FDS_PER_MESSAGE]
         items = [[kind, name] for kind, name, _ in batch]
         _send(sock, {"type": "fds", "items": items}, [fd for _, _, fd in batch])
-    _send(sock, {"type": "done", "functions": functions})
+    _send(sock, {"type": "done", "functions": functions, "recipe": recipe(bpf, request, lib_())})
     del bpf  # kept alive until the parent holds every fd
     return 0
 
@@ -82,6 +87,41 @@ def load(request: dict[str, Any]) -> tuple[Any, list[tuple[str, str, int]], list
     count = lib.bpf_num_functions(bpf.module)
     functions = [lib.bpf_function_name(bpf.module, i).decode() for i in range(count)]
     return bpf, handles, functions
+
+
+def lib_() -> Any:
+    from bcc.libbcc import lib
+
+    return lib
+
+
+def recipe(bpf: Any, request: dict[str, Any], lib: Any) -> dict[str, Any]:
+    """What loading the programs again takes without LLVM: their instructions as bcc
+    loaded them, with each map reference (an ld_imm64 of BPF_PSEUDO_MAP_FD whose imm is
+    this process's fd) named, so another process can put its own maps' fds there."""
+    names = {fd: name for name, fd in _table_fds(bpf.module, lib)}
+    programs = {}
+    for name, kind in request["programs"].items():
+        insns = bpf.dump_func(name.encode())
+        programs[name] = {"kind": kind, "insns": insns.hex(), "maps": _map_refs(insns, names)}
+    return {
+        "license": lib.bpf_module_license(bpf.module).decode(),
+        "kern_version": int(lib.bpf_module_kern_version(bpf.module)),
+        "programs": programs,
+    }
+
+
+def _map_refs(insns: bytes, names: dict[int, str]) -> dict[str, str]:
+    """{instruction index: map name} of the ld_imm64 instructions that load a map fd."""
+    refs = {}
+    for index in range(len(insns) // INSN_SIZE):
+        code, regs = insns[index * INSN_SIZE], insns[index * INSN_SIZE + 1]
+        if code == LD_IMM64 and regs >> 4 == PSEUDO_MAP_FD:
+            fd = int.from_bytes(insns[index * INSN_SIZE + 4 : index * INSN_SIZE + 8], "little")
+            if fd not in names:
+                raise RuntimeError(f"instruction {index} loads fd {fd}, which is no map")
+            refs[str(index)] = names[fd]
+    return refs
 
 
 def _table_fds(module: int, lib: Any) -> list[tuple[str, int]]:

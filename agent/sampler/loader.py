@@ -24,7 +24,7 @@ from pathlib import Path
 
 from agent.sampler import bpf_syscalls
 from agent.sampler.bpf_map import BpfMap
-from agent.sampler.compile_child import CompiledProgram, compile_in_child
+from agent.sampler.compile_child import CompiledProgram
 from agent.sampler.convert import (
     LOST_REASONS,
     UNWIND_STATS,
@@ -32,7 +32,8 @@ from agent.sampler.convert import (
     RawCount,
     stack_addresses,
 )
-from agent.sampler.kernel_headers import HeaderChoice, find_kernel_headers
+from agent.sampler.kernel_headers import HeaderChoice, default_cache_dir, find_kernel_headers
+from agent.sampler.program_cache import compile_or_load
 from agent.sampler.ringbuf import RingBuffer
 from agent.unwind.mappings import MappingTarget, Prefix
 
@@ -87,13 +88,15 @@ def load_sampler_program(
     stack_entries: int = DEFAULT_STACK_ENTRIES,
     unwind_rows: int = 0,
     headers: HeaderChoice | None = None,
+    cache_dir: Path | None = None,
 ) -> SamplerProgram:
     """Compile and load the sampler in a child process (not attached yet: `attach()`).
 
     unwind_rows > 0 builds the table-driven user stack walker with that many rows and
     has the verifier pass it; 0 keeps frame-pointer user stacks only. Raises
     KernelHeadersError when no headers are usable, BpfCompileError when the compiler
-    or the kernel refuses the program.
+    or the kernel refuses the program. The compiled program is kept under
+    cache_dir/bpf (default_cache_dir() when None): a later start loads it with no compile.
     """
     if frequency <= 0:
         raise ValueError(f"sampling frequency must be positive, got {frequency}")
@@ -119,13 +122,14 @@ def load_sampler_program(
         ]
         programs["unwind_user"] = "perf_event"  # tail-called from on_cpu_clock
         tail_calls["unwind_programs"] = {0: "unwind_user"}
-    compiled = compile_in_child(
+    compiled = compile_or_load(
         bpf_source_path().read_text(),
         cflags,
         programs,
-        env=headers.bcc_environment(),
-        timeout=COMPILE_TIMEOUT_SECONDS,
-        tail_calls=tail_calls,
+        tail_calls,
+        headers,
+        (cache_dir or default_cache_dir()) / "bpf",
+        COMPILE_TIMEOUT_SECONDS,
     )
     try:
         program = SamplerProgram(compiled, frequency, unwind_rows)

@@ -91,7 +91,7 @@ class Sampler:
         self._unwind_rows = unwind_table_rows
         self._counts_entries = counts_entries
         self._stack_entries = stack_entries
-        self._cache_dir = Path(cache_dir) if cache_dir else None  # merged distro headers
+        self._cache_dir = Path(cache_dir) if cache_dir else None  # headers tree, programs
         self._program: SamplerProgram | None = None
         self._unwind_worker: UnwindWorker | None = None
         self._unwind_seen: tuple[int, ...] = ()
@@ -132,6 +132,7 @@ class Sampler:
                 stack_entries=self._stack_entries,
                 unwind_rows=unwind_rows,
                 headers=headers,
+                cache_dir=self._cache_dir,
             )
 
         if self.unwinder == "fp":
