@@ -254,9 +254,9 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
     finally:
         sdnotify.notify("STOPPING=1")
         admin.set_ready(False)
-        pipeline.close()
-        for sink in sinks:
+        for sink in sinks:  # before the pipeline, whose threads may take long to stop
             sink.close()
+        pipeline.close()
         admin.close()
     log.info("stopped cleanly")
     return 0

@@ -48,8 +48,11 @@ class Recorder:
         self.cond = threading.Condition()
         self.gate = threading.Event()  # cleared: calls hang until it is set again
         self.gate.set()
+        self.arrivals = 0  # calls that reached the servicer, hanging ones included
 
     def handle(self, request: Any, context: grpc.ServicerContext) -> None:
+        with self.cond:
+            self.arrivals += 1
         self.gate.wait()
         with self.cond:
             self.metadata.append(dict(context.invocation_metadata()))

@@ -1,7 +1,8 @@
 """Remote-store sinks: Parca (ProfileStoreService/WriteRaw) and OTLP profiles over gRPC.
 
     sink = RemoteSink(RemoteStoreConfig(address="parca:7070", protocol="parca"))
-    sink.write(profile)   # never blocks; queued, spooled or dropped (counted)
+    sink.write(profile)   # never blocks on the network; spooled (fsynced) first if a
+                          # spool_dir is set, else queued in memory; drops are counted
     sink.close()          # delivers within close_timeout_seconds, spools the rest
 
 Modules: config (RemoteStoreConfig), parca / otlp (SeriesProfile -> request bytes),

@@ -17,8 +17,9 @@ class RemoteStoreConfig:
 
     Defaults size the buffers for a 10-minute backend outage with room to spare: one
     profile per series per 10 s window, 5 series of ~100 KiB each is ~30 MiB in 10 min,
-    which the in-memory queue (32 MiB) alone holds; the optional disk spool (256 MiB)
-    then covers well over an hour and survives a restart.
+    which the in-memory queue (32 MiB) alone holds. With the optional disk spool
+    (256 MiB) every profile is on disk before write() returns (memory then only caches
+    the spool's head), which covers well over an hour and survives kill -9.
     """
 
     address: str  # HOST:PORT of the gRPC endpoint
@@ -41,7 +42,9 @@ class RemoteStoreConfig:
     # addresses with their mapping's start/limit/offset (pprof convention), which Parca
     # then normalizes itself; True only for a pprof whose addresses are file-relative.
     normalized: bool = False
-    close_timeout_seconds: float = 10.0  # default budget of close() to deliver what is queued
+    # Default budget of close() to deliver what is queued: short, so that with the
+    # stop of the sender (<= 0.5 s) the sink's part of an exit stays within ~2 s.
+    close_timeout_seconds: float = 1.0
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 30.0
     backoff_resource_exhausted_seconds: float = 5.0  # first delay after RESOURCE_EXHAUSTED

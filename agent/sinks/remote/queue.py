@@ -4,31 +4,40 @@ write() encodes the profile into its request bytes and enqueues them; a sender
 thread delivers requests one at a time, in write order.
 
 Guarantees:
-- Order: requests are delivered in write order. Memory holds the oldest pending
-  requests and the spool the newer ones: once anything is spooled, new writes go to
-  the spool too until it drains, and the sender takes memory first, then the spool.
-- Exactly once per acknowledgement: a request leaves the queue (or its spool file is
+- Durable with a spool: when spool_dir is set, write() returns only once the request is
+  on disk (written, fsynced, renamed, directory fsynced), so kill -9 or a power loss
+  loses nothing written. Memory only caches the payloads at the head of the spool
+  (within queue_max_bytes). If the spool cannot take a request (disk full, I/O error),
+  it waits in memory instead, as without a spool, and close() tries the spool again.
+- Order: requests are delivered in write order, across restarts too (spool files are
+  named by sequence number; a new sink continues after the last one).
+- Exactly once per acknowledgement: a request leaves the queue (and its spool file is
   deleted) only after the backend acknowledged it. A crash between the ack and the
-  deletion of the spool file, or close() cancelling a call the server had already
-  processed, resends that one request on the next start.
-- Bounded memory: the queued requests (the one in flight included) never exceed
-  queue_max_bytes. When full, new requests go to the disk spool if one is configured
-  (bounded by spool_max_bytes, oldest files dropped first); without a spool the oldest
-  queued request is dropped. Every drop is counted in strobe_remote_profiles_dropped.
+  deletion, or close() cancelling a call the server had already processed, resends
+  that one request on the next start.
+- Bounded: the spool by spool_max_bytes (oldest files dropped first, the one in
+  flight excepted); memory (the one in flight included) by queue_max_bytes, the oldest
+  memory-only request dropped when full. Every drop is counted in
+  strobe_remote_profiles_dropped.
 - Failures: see retry.py for which codes are retried and the backoff.
-- close(timeout): delivers what it can within the timeout, then moves what is left
-  to the spool (or counts it dropped without one). A new RemoteSink over the same
-  spool_dir delivers the spooled requests first, in order.
+- close(timeout): delivers what it can within the timeout (default
+  close_timeout_seconds), and not at all while the backend is failing; then stops the
+  sender with a short bounded wait. With a spool everything is on disk already;
+  without one the rest is counted dropped and logged. A new RemoteSink over the same
+  spool_dir delivers the spooled requests first, in order. A sink still open at
+  interpreter exit is closed then (timeout 0), so a loss at exit is always recorded.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +52,11 @@ from agent.sinks.remote.retry import backoff_seconds, should_retry
 from agent.sinks.remote.spool import Spool, SpoolEntry, SpoolError, read_entry
 
 log = logging.getLogger(__name__)
+
+# close() waits this long for the sender thread once told to stop. The call in flight
+# is cancelled, so it exits at once unless stuck in a blocking connect (skip-verify);
+# it is a daemon thread, and what it holds is on disk or counted already.
+STOP_WAIT_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -70,11 +84,23 @@ def open_spool(config: RemoteStoreConfig) -> Spool:
         raise ValueError(problem) from None
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Pending:
+    """One queued request: on disk (`spooled`), in memory (`payload`), or both (cached)."""
+
     seq: int
-    payload: bytes | None  # None: only on disk, in `spooled`
+    payload: bytes | None
     spooled: SpoolEntry | None = None
+
+
+_OPEN_SINKS: weakref.WeakSet[RemoteSink] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Sinks nobody closed: record what is lost (nothing, with a spool) before exit."""
+    for sink in list(_OPEN_SINKS):
+        sink.close(timeout=0)
 
 
 class RemoteSink:
@@ -89,25 +115,30 @@ class RemoteSink:
         self._transport = Transport(config, self._codec.method)
         self._rng = random.Random()
         self._cond = threading.Condition()
-        self._memory: deque[Pending] = deque()
-        self._memory_bytes = 0  # includes the in-flight request when it came from memory
+        self._queue: deque[Pending] = deque()  # in seq order; the head may be in flight
+        self._memory_bytes = 0  # payloads held in _queue, cached copies included
+        self._unspooled_bytes = 0  # payloads held only in memory (no spool, or it refused)
         self._inflight: Pending | None = None
+        self._failing = False  # the last send failed and will be retried
         self._closed = False
         self._stop = threading.Event()
         self._drop_logs: dict[str, int] = {}
+        self._spool_broken = False  # the last spool write failed (logged once per episode)
         self._spool: Spool | None = None
         if config.spool_dir:
             self._spool = open_spool(config)
             self._dropped("spool_discarded", self._spool.discarded_at_start)
+            self._queue.extend(Pending(e.seq, None, e) for e in self._spool.entries)
         self._next_seq = (self._spool.last_seq if self._spool else 0) + 1
         self._update_gauges()
         self._thread = threading.Thread(target=self._run, name="strobe-remote", daemon=True)
         self._thread.start()
+        _OPEN_SINKS.add(self)
 
     # -- the Sink protocol ------------------------------------------------------------
 
     def write(self, profile: SeriesProfile) -> None:
-        """Enqueue one profile; never blocks on the network."""
+        """Enqueue one profile (on disk first, with a spool); never blocks on the network."""
         if self._closed:
             self._dropped("closed")
             return
@@ -123,28 +154,38 @@ class RemoteSink:
             return
         with self._cond:
             seq, self._next_seq = self._next_seq, self._next_seq + 1
-            self._enqueue(Pending(seq, payload))
+            if not self._enqueue_spooled(seq, payload):
+                self._enqueue_memory(Pending(seq, payload))
             self._update_gauges()
             self._cond.notify_all()
         metrics.PROFILES_WRITTEN.labels(sink=self.name).inc()
         metrics.PROFILE_BYTES.labels(sink=self.name).inc(len(payload))
 
     def close(self, timeout: float | None = None) -> None:
-        """Deliver within `timeout` (default close_timeout_seconds), spool the rest."""
+        """Deliver within `timeout` (default close_timeout_seconds) unless the backend is
+        failing, stop the sender (bounded wait), then spool or count what memory holds."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-        self.flush(self.config.close_timeout_seconds if timeout is None else timeout)
+        _OPEN_SINKS.discard(self)
+        started = time.monotonic()
+        self._drain(self.config.close_timeout_seconds if timeout is None else timeout)
         self._stop.set()
         self._transport.cancel()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=STOP_WAIT_SECONDS)
+        if self._thread.is_alive():
+            log.warning("remote store: sender still busy at close; not waiting for it")
         with self._cond:
             self._spill()
             self._update_gauges()
+            left = len(self._queue)
         self._transport.close()
+        took = time.monotonic() - started
+        kept = f"; {left} profiles kept in the spool for the next start" if self._spool else ""
+        log.info("remote store: closed in %.2f s%s", took, kept)
 
     # -- inspection -------------------------------------------------------------------
 
@@ -152,7 +193,7 @@ class RemoteSink:
     def pending(self) -> int:
         """Profiles written but not yet acknowledged or given up on (memory + spool)."""
         with self._cond:
-            return self._pending_locked()
+            return len(self._queue)
 
     @property
     def memory_bytes(self) -> int:
@@ -163,84 +204,136 @@ class RemoteSink:
         """Wait until everything written so far is delivered or dropped; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending_locked():
+            while self._queue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._thread.is_alive():
                     return False
                 self._cond.wait(remaining)
         return True
 
+    def _drain(self, timeout: float) -> None:
+        """flush() for close(): no waiting on a backend that is failing right now."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and not self._failing and self._thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
     # -- queue (all under self._cond) -------------------------------------------------
 
-    def _pending_locked(self) -> int:
-        in_memory = len(self._memory) + (1 if self._inflight and not self._inflight.spooled else 0)
-        return in_memory + (len(self._spool) if self._spool else 0)
+    def _enqueue_spooled(self, seq: int, payload: bytes) -> bool:
+        """Put the request on disk (cached in memory if there is room); False if not."""
+        if self._spool is None:
+            return False
+        keep = self._inflight.seq if self._inflight else -1
+        entry, evicted = self._spool.append(seq, payload, keep)
+        self._forget(evicted)
+        if entry is None:
+            if not self._spool_broken:
+                log.warning("remote store: spool refused a request; keeping it in memory")
+            self._spool_broken = True
+            return False
+        self._spool_broken = False
+        room = self._memory_bytes + len(payload) <= self.config.queue_max_bytes
+        self._queue.append(Pending(seq, payload if room else None, entry))
+        self._memory_bytes += len(payload) if room else 0
+        return True
 
-    def _enqueue(self, item: Pending) -> None:
+    def _forget(self, evicted: Iterable[SpoolEntry]) -> None:
+        """Drop the queue items of spool files evicted to make room (counted).
+
+        Evicted files are the oldest, so only the queue's head is walked: O(evicted)."""
+        gone = {entry.seq for entry in evicted}
+        self._dropped("spool_full", len(gone))
+        kept: list[Pending] = []  # the one in flight, memory-only ones
+        while gone and self._queue:
+            item = self._queue.popleft()
+            if item.spooled is not None and item.seq in gone:
+                gone.discard(item.seq)
+                self._memory_bytes -= len(item.payload or b"")
+            else:
+                kept.append(item)
+        self._queue.extendleft(reversed(kept))
+
+    def _enqueue_memory(self, item: Pending) -> None:
+        """Without a (working) spool: memory only, dropping the oldest when full."""
         assert item.payload is not None
         size, bound = len(item.payload), self.config.queue_max_bytes
-        if self._spool is not None and (self._spool.entries or self._memory_bytes + size > bound):
-            keep = self._inflight.seq if self._inflight else -1
-            stored, evicted = self._spool.append(item.seq, item.payload, keep)
-            self._dropped("spool_full", len(evicted))
-            if not stored:
-                self._dropped("spool_rejected")
+        if size > bound:
+            self._dropped("too_large")
             return
-        while self._memory and self._memory_bytes + size > bound:
-            oldest = self._memory.popleft()
-            self._memory_bytes -= len(oldest.payload or b"")
+        self._make_room(bound - size)
+        if self._memory_bytes > bound - size:  # only the in-flight one is left
             self._dropped("queue_full")
-        if self._memory_bytes + size > bound:  # too big, or only the in-flight one is left
-            self._dropped("too_large" if size > bound else "queue_full")
             return
-        self._memory.append(item)
+        self._queue.append(item)
         self._memory_bytes += size
+        self._unspooled_bytes += size
+
+    def _make_room(self, limit: int) -> None:
+        """Shrink memory to `limit`: uncache spooled copies, then drop the oldest."""
+        for item in reversed(self._queue):
+            if self._memory_bytes <= limit:
+                return
+            if item.spooled is not None and item.payload and item is not self._inflight:
+                self._memory_bytes -= len(item.payload)
+                item.payload = None
+        for item in list(self._queue):
+            if self._memory_bytes <= limit:
+                return
+            if item.spooled is None and item is not self._inflight:
+                self._queue.remove(item)
+                self._memory_bytes -= len(item.payload or b"")
+                self._unspooled_bytes -= len(item.payload or b"")
+                self._dropped("queue_full")
 
     def _take(self) -> Pending | None:
         with self._cond:
-            while not self._stop.is_set() and not self._memory and not self._spool_head():
+            while not self._stop.is_set() and not self._queue:
                 self._cond.wait()
             if self._stop.is_set():
                 return None
-            if self._memory:
-                self._inflight = self._memory.popleft()
-            else:
-                entry = self._spool_head()
-                assert entry is not None
-                self._inflight = Pending(entry.seq, None, entry)
+            self._inflight = self._queue[0]
             return self._inflight
-
-    def _spool_head(self) -> SpoolEntry | None:
-        return self._spool.head() if self._spool is not None else None
 
     def _finish(self, item: Pending) -> None:
         with self._cond:
-            self._inflight = None
-            if item.spooled is not None and self._spool is not None:
-                self._spool.remove(item.spooled)
-            else:
+            if self._inflight is item:
+                self._inflight = None
+            if self._queue and self._queue[0] is item:  # else counted at close already
+                self._queue.popleft()
                 self._memory_bytes -= len(item.payload or b"")
+                if item.spooled is None:
+                    self._unspooled_bytes -= len(item.payload or b"")
+                elif self._spool is not None:
+                    self._spool.remove(item.spooled)
             self._update_gauges()
             self._cond.notify_all()
 
     def _spill(self) -> None:
-        """At close: move what memory still holds (oldest first) to the spool."""
-        left = [self._inflight] if self._inflight and not self._inflight.spooled else []
-        left += list(self._memory)
-        self._inflight = None
-        self._memory.clear()
-        self._memory_bytes = 0
-        if not left:
-            return
-        if self._spool is None:
-            log.warning("remote store: %d profiles undelivered at shutdown", len(left))
-            self._dropped("shutdown", len(left))
-            return
+        """At close: spool (or count as lost) what only memory holds; spooled items stay."""
+        left = [item for item in self._queue if item.spooled is None]
+        self._queue = deque(item for item in self._queue if item.spooled is not None)
+        self._memory_bytes = sum(len(item.payload or b"") for item in self._queue)
+        self._unspooled_bytes = 0
+        lost = 0
         for item in left:
-            stored, evicted = self._spool.append(item.seq, item.payload or b"")
-            self._dropped("spool_full", len(evicted))
-            if not stored:
-                self._dropped("shutdown")
+            if self._spool is None or item.payload is None:
+                lost += 1
+                continue
+            keep = self._inflight.seq if self._inflight else -1
+            entry, evicted = self._spool.append(item.seq, item.payload, keep)
+            self._forget(evicted)
+            if entry is None:
+                lost += 1
+            else:
+                self._queue.append(Pending(item.seq, None, entry))
+        self._queue = deque(sorted(self._queue, key=lambda item: item.seq))
+        if lost:
+            log.warning("remote store: %d profiles undelivered at shutdown, lost", lost)
+            self._dropped("shutdown", lost)
 
     # -- sender thread ----------------------------------------------------------------
 
@@ -250,6 +343,8 @@ class RemoteSink:
                 if not self._deliver(item):
                     return  # stopping: close() spills what is left
             except Exception:  # a bug must cost one profile, not every later one
+                if self._stop.is_set():
+                    return  # close() tore the channel down under the call: keep the item
                 log.exception("remote store: dropping a profile after an unexpected error")
                 metrics.SINK_ERRORS.labels(sink=self.name, reason="sender").inc()
                 self._dropped("sender_error")
@@ -272,6 +367,7 @@ class RemoteSink:
             outcome = self._transport.send(payload)
             metrics.REMOTE_LATENCY.observe(time.monotonic() - started)
             if outcome.code == grpc.StatusCode.OK:
+                self._set_failing(False)
                 self._acknowledged(payload, outcome)
                 return True
             failures += 1
@@ -281,10 +377,18 @@ class RemoteSink:
             if not should_retry(outcome.code, failures):
                 self._give_up(outcome)
                 return True
+            self._set_failing(True)
             self._note_failure(outcome, failures)
             if self._stop.wait(backoff_seconds(self.config, failures - 1, outcome.code, self._rng)):
                 return False
         return False
+
+    def _set_failing(self, failing: bool) -> None:
+        """Tell a close() waiting in _drain whether the backend is failing right now."""
+        if failing != self._failing:
+            with self._cond:
+                self._failing = failing
+                self._cond.notify_all()
 
     def _acknowledged(self, payload: bytes, outcome: Outcome) -> None:
         try:
@@ -331,5 +435,5 @@ class RemoteSink:
 
     def _update_gauges(self) -> None:
         spooled_bytes = self._spool.bytes if self._spool else 0
-        metrics.REMOTE_QUEUE_DEPTH.set(self._pending_locked())
-        metrics.REMOTE_QUEUE_BYTES.set(self._memory_bytes + spooled_bytes)
+        metrics.REMOTE_QUEUE_DEPTH.set(len(self._queue))
+        metrics.REMOTE_QUEUE_BYTES.set(spooled_bytes + self._unspooled_bytes)

@@ -2,10 +2,12 @@
 
 One file per request, named by its sequence number (`<seq>.<protocol>.req`), so a
 directory listing gives the delivery order back after a restart. A file is
-MAGIC + crc32(payload) + payload, written to a temporary name and renamed, so a
-crash leaves either a whole file or a `.tmp` that is cleaned up at start; a file
-that fails its checksum is dropped and counted, never sent. Files are not fsynced:
-the spool survives a process restart; a power loss may cost the newest files.
+MAGIC + crc32(payload) + payload, written to a temporary name, fsynced, renamed, and
+the directory fsynced before append() returns: once appended, a request survives
+kill -9 and power loss. A crash mid-write leaves a `.tmp` that is cleaned up at start;
+a file that fails its checksum is dropped and counted, never sent. Deletes are not
+fsynced (they follow every delivery): after a power loss, files deleted in the last
+moments may come back and be sent again.
 
 Not thread-safe: RemoteSink calls it under its lock (reads happen outside, and a
 read of a file evicted meanwhile reports it as gone).
@@ -55,33 +57,30 @@ class Spool:
     def last_seq(self) -> int:
         return self.entries[-1].seq if self.entries else 0
 
-    def head(self) -> SpoolEntry | None:
-        return self.entries[0] if self.entries else None
+    def append(
+        self, seq: int, payload: bytes, keep: int = -1
+    ) -> tuple[SpoolEntry | None, list[SpoolEntry]]:
+        """Store `payload` durably as entry `seq`, evicting the oldest (but `keep`) to fit.
 
-    def append(self, seq: int, payload: bytes, keep: int = -1) -> tuple[bool, list[SpoolEntry]]:
-        """Store `payload` as the newest entry, evicting the oldest (but `keep`) to fit.
-
-        Returns (stored, evicted entries); not stored when the payload alone exceeds
-        the bound or cannot be written.
+        Returns (the entry, evicted entries); no entry when the payload alone exceeds
+        the bound or cannot be written (then it is not on disk at all).
         """
         size = HEADER_BYTES + len(payload)
         if size > self.max_bytes:
-            return False, []
+            return None, []
         evicted = self._evict(self.max_bytes - size, keep)
         path = self.directory / f"{seq:016d}.{self.protocol}{SUFFIX}"
-        temporary = path.with_name(f".{path.name}.tmp")
         try:
-            temporary.write_bytes(MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload)
-            os.replace(temporary, path)
+            self._write_durably(path, MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload)
         except OSError as exc:
             log.warning("spool: cannot write %s: %s", path, exc.strerror)
-            temporary.unlink(missing_ok=True)
-            return False, evicted
-        self.entries.append(SpoolEntry(seq, path, size))
+            return None, evicted
+        entry = SpoolEntry(seq, path, size)
+        self.entries.append(entry)
         if len(self.entries) > 1 and self.entries[-2].seq > seq:  # spilled at close: older
             self.entries = deque(sorted(self.entries, key=lambda e: e.seq))
         self.bytes += size
-        return True, evicted
+        return entry, evicted
 
     def remove(self, entry: SpoolEntry) -> None:
         """Forget `entry` and delete its file (delivered, or given up on)."""
@@ -92,14 +91,41 @@ class Spool:
             pass
         entry.path.unlink(missing_ok=True)
 
+    def _write_durably(self, path: Path, data: bytes) -> None:
+        """Whole file or nothing under `path`, on disk (data and name) when this returns."""
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+        try:
+            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)  # the rename itself must survive a power loss
+            finally:
+                os.close(directory)
+        except OSError:
+            path.unlink(missing_ok=True)  # not durable: the caller keeps it elsewhere
+            raise
+
     def _evict(self, room: int, keep: int) -> list[SpoolEntry]:
-        evicted = []
-        for entry in list(self.entries):
-            if self.bytes <= room:
-                break
-            if entry.seq != keep:
-                self.remove(entry)
-                evicted.append(entry)
+        """Delete the oldest files (but `keep`) until `room` bytes remain: O(evicted)."""
+        evicted: list[SpoolEntry] = []
+        kept: list[SpoolEntry] = []
+        while self.entries and self.bytes > room:
+            entry = self.entries.popleft()
+            if entry.seq == keep:
+                kept.append(entry)
+                continue
+            self.bytes -= entry.size
+            entry.path.unlink(missing_ok=True)
+            evicted.append(entry)
+        self.entries.extendleft(reversed(kept))
         return evicted
 
     def _load(self) -> None:
