@@ -41,7 +41,9 @@ class BackgroundIndexer:
             self._processes.append(process)
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
+        """Ask the thread to stop and wait briefly: an index being built (a child, up to
+        its timeout) finishes on its own; the thread is a daemon and never holds exit."""
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():

@@ -133,6 +133,7 @@ class UnwindTables:
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._lock = threading.Lock()
+        self._closed = False  # close(): the maps go away, nothing is written any more
         self._parsing: set[str] = set()  # keys a thread is parsing (outside the lock)
         self._parsing_big: set[str] = set()  # those of them at least BIG_BINARY in size
         self._own_pid = os.getpid()
@@ -168,6 +169,8 @@ class UnwindTables:
         pointers, and tables for it would take rows from the host's processes."""
         stop = MappingTarget.without_table(frame_pointers=False)
         with self._lock:
+            if self._closed:
+                return 0
             routes = {}
             for mapping in process.mappings:
                 prefixes = address_prefixes(mapping.start, mapping.end)
@@ -184,6 +187,8 @@ class UnwindTables:
         parsed: dict[str, UnwindTable | None],
     ) -> int:
         """Route the process's mappings (lock held); how many have a table."""
+        if self._closed:
+            return 0
         old = self._processes.get(process.pid)
         if old is not None and old.start_time != process.start_time:
             self._forget(process.pid)
@@ -197,15 +202,23 @@ class UnwindTables:
         self._processes[process.pid] = _Process(process.start_time, routes)
         return sum(1 for key, _ in routes.values() if key in self._tables)
 
+    def close(self) -> None:
+        """Write nothing into the maps from now on (their program is closing)."""
+        with self._lock:
+            self._closed = True
+
     def forget(self, pid: int) -> None:
         """Drop the pid's routes; tables no process uses any more are freed."""
         with self._lock:
-            self._forget(pid)
+            if not self._closed:
+                self._forget(pid)
 
     def sweep(self) -> int:
         """Forget processes that exited (or whose pid now names another process), and
         free tables idle for longer than idle_seconds. Returns how many were forgotten."""
         with self._lock:
+            if self._closed:
+                return 0
             gone = [pid for pid, entry in self._processes.items() if not self._alive(pid, entry)]
             for pid in gone:
                 self._forget(pid)

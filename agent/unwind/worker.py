@@ -102,12 +102,16 @@ class UnwindWorker:
         except Exception:
             log.exception("unwind table sweep failed")
 
-    def close(self) -> None:
-        """Stop the thread (a table being built is finished first)."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the threads. The tables are closed first, so a table still being parsed
+        (seconds, for a big binary) is dropped when done rather than written into maps
+        that are about to close; the threads are daemons and never hold exit."""
         self._stopped.set()
+        self.tables.close()
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():
-                thread.join(timeout=30)
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -399,3 +400,28 @@ def test_worker_prepares_in_the_background_and_sweeps_exited_processes(
         assert maps.routes == {} and worker.tables.stats().rows_used == 0
     finally:
         worker.close()
+
+
+def test_closing_the_worker_is_prompt_and_writes_nothing_after(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    """A table still being built at shutdown (seconds for a big binary) neither holds
+    the exit nor writes into maps that are closing (it used to: EBADF tracebacks)."""
+    info = start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    reading = threading.Event()
+
+    def slow_read(pid: int) -> ProcessInfo | None:
+        reading.set()
+        time.sleep(3)  # as a big parse would
+        return info
+
+    worker = UnwindWorker(UnwindTables(maps), read=slow_read)
+    worker.start()
+    worker.submit_pid(info.pid)
+    assert reading.wait(timeout=10)
+    started = time.monotonic()
+    worker.close()
+    assert time.monotonic() - started < 1.5
+    time.sleep(3.5)  # the read returns and the prepare runs against closed tables
+    assert maps.routes == {} and worker.tables.stats().processes == 0
