@@ -32,11 +32,11 @@ from agent import metrics
 from agent.gcpause import cycle_collection_paused
 from agent.model import ProcessInfo, Window
 from agent.sampler.convert import (
+    EVENT_FIRST_SAMPLE,
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
     UNWIND_STATS,
     NewProcess,
-    distinct_pids,
     entries_of_slot,
     fill_ratio,
     lost_deltas,
@@ -186,8 +186,8 @@ class Sampler:
             return []
         events = self._program.poll_pid_events(timeout_ms)
         if self._unwind_worker is not None:  # tables for new code, read from /proc there
-            for pid in distinct_pids(events):
-                self._unwind_worker.submit_pid(pid)
+            for event in events:
+                self._unwind_worker.submit_pid(event.pid, urgent=event.kind != EVENT_FIRST_SAMPLE)
         return new_processes(events)
 
     def drain(self) -> Window:

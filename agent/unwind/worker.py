@@ -12,6 +12,7 @@ processes are forgotten so their tables' rows are freed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -24,6 +25,8 @@ from agent.process.reader import PROC, read_process
 from agent.unwind.registry import UnwindTables
 
 log = logging.getLogger(__name__)
+
+STOP, URGENT, BACKLOG = 0, 1, 2  # queue priorities, lowest first
 
 
 class UnwindWorker:
@@ -39,13 +42,18 @@ class UnwindWorker:
         self.tables = tables
         self._sweep_seconds = sweep_seconds
         self._read = read or (lambda pid: read_process(pid, proc))
-        self._queue: queue.Queue[int | None] = queue.Queue(max_queue)
+        # (priority, order, pid): new code (exec, unknown code) before the backlog of
+        # processes first seen at start-up; None stops a thread.
+        self._queue: queue.PriorityQueue[tuple[int, int, int | None]] = queue.PriorityQueue(
+            max_queue
+        )
+        self._order = itertools.count()
         self._threads = [
             threading.Thread(target=self._run, name=f"unwind-tables-{n}", daemon=True)
             for n in range(threads)
         ]
         self._stopped = threading.Event()
-        self._queued: set[int] = set()  # pids in the queue: each is prepared once per turn
+        self._queued: dict[int, int] = {}  # pid -> its best queued priority: once per turn
         self._changed = threading.Condition()
         self.dropped = 0  # pids not queued because the queue was full
 
@@ -53,17 +61,20 @@ class UnwindWorker:
         for thread in self._threads:
             thread.start()
 
-    def submit_pid(self, pid: int) -> None:
-        """Queue a pid whose tables should be (re)prepared; never blocks."""
+    def submit_pid(self, pid: int, urgent: bool = True) -> None:
+        """Queue a pid whose tables should be (re)prepared; never blocks. Urgent: new
+        code runs there now (an exec, code not routed yet); else a process first seen
+        (at start-up: the whole host), prepared after the urgent ones."""
+        priority = URGENT if urgent else BACKLOG
         with self._changed:
-            if pid in self._queued:
+            if self._queued.get(pid, priority + 1) <= priority:
                 return
             try:
-                self._queue.put_nowait(pid)
+                self._queue.put_nowait((priority, next(self._order), pid))
             except queue.Full:
                 self.dropped += 1
                 return
-            self._queued.add(pid)
+            self._queued[pid] = priority
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued pid was prepared (for tests and one-shot use)."""
@@ -74,19 +85,28 @@ class UnwindWorker:
         next_sweep = time.monotonic() + self._sweep_seconds
         while not self._stopped.is_set():
             try:
-                pid = self._queue.get(timeout=max(0.0, next_sweep - time.monotonic()))
+                priority, _, pid = self._queue.get(timeout=max(0.0, next_sweep - time.monotonic()))
             except queue.Empty:
                 pid = None
             if self._stopped.is_set():
                 return
-            if pid is not None:
+            if pid is not None and self._take(pid, priority):
                 self._prepare(pid)
                 with self._changed:
-                    self._queued.discard(pid)
                     self._changed.notify_all()
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 next_sweep = time.monotonic() + self._sweep_seconds
+
+    def _take(self, pid: int, priority: int) -> bool:
+        """Whether this queue entry is the pid's current one (a more urgent entry made
+        a later one stale); the pid leaves the queued set before it is prepared, so a
+        new event during the prepare queues it again."""
+        with self._changed:
+            if self._queued.get(pid) != priority:
+                return False
+            del self._queued[pid]
+            return True
 
     def _prepare(self, pid: int) -> None:
         try:
@@ -110,7 +130,7 @@ class UnwindWorker:
         self.tables.close()
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(None)
+                self._queue.put_nowait((STOP, next(self._order), None))
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():

@@ -425,3 +425,31 @@ def test_closing_the_worker_is_prompt_and_writes_nothing_after(
     assert time.monotonic() - started < 1.5
     time.sleep(3.5)  # the read returns and the prepare runs against closed tables
     assert maps.routes == {} and worker.tables.stats().processes == 0
+
+
+def test_new_code_is_prepared_before_the_start_up_backlog() -> None:
+    """At start every running process is first seen at once; a process that execs then
+    must not wait behind them all (its first window would be cut)."""
+    order: list[int] = []
+    first_taken, release = threading.Event(), threading.Event()
+
+    def read(pid: int) -> ProcessInfo | None:
+        order.append(pid)
+        first_taken.set()
+        release.wait(10)
+        return None  # "exited": nothing to route
+
+    worker = UnwindWorker(UnwindTables(MemoryMaps(1000)), read=read, threads=1)
+    worker.start()
+    try:
+        worker.submit_pid(100, urgent=False)
+        assert first_taken.wait(10)  # the thread is busy with 100
+        for pid in (101, 102, 103):
+            worker.submit_pid(pid, urgent=False)
+        worker.submit_pid(200, urgent=True)  # an exec
+        worker.submit_pid(102, urgent=True)  # a backlog pid that now runs new code
+        release.set()
+        assert worker.wait_idle(timeout=10)
+        assert order == [100, 200, 102, 101, 103]  # 102 once: its backlog entry went stale
+    finally:
+        worker.close()

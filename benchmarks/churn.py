@@ -1,0 +1,79 @@
+"""Process churn: the agent's CPU per exec while short processes come and go.
+
+For each rate R (execs per second), the agent runs (19 Hz, 10 s windows, warm cache);
+after it settles, a driver forks and execs /bin/true R times a second for `--seconds`;
+the agent's CPU (its threads, reaped children and live descendants) over that span,
+minus the same span without churn, divided by the execs, is its cost per exec.
+Target (issue 16): at most 0.25 ms per exec. Needs root.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import Agent, base_parser, emit, require_root, scratch, tree_cpu_seconds
+
+
+def churn(rate: int, seconds: float) -> int:
+    """fork+exec /bin/true `rate` times a second (reaped); how many ran."""
+    count, started = 0, time.monotonic()
+    while (elapsed := time.monotonic() - started) < seconds:
+        due = int(elapsed * rate)
+        while count < due:
+            pid = os.fork()
+            if pid == 0:
+                os.execv("/bin/true", ["true"])
+            os.waitpid(pid, 0)
+            count += 1
+        time.sleep(0.001)
+    return count
+
+
+def cpu_over(agent: Agent, seconds: float, rate: int) -> tuple[float, int]:
+    before = tree_cpu_seconds(agent.pid)
+    execs = churn(rate, seconds) if rate else (time.sleep(seconds) or 0)
+    return tree_cpu_seconds(agent.pid) - before, execs
+
+
+def measure(workdir: Path, rates: list[int], seconds: float) -> list[dict[str, Any]]:
+    results = []
+    with Agent(workdir) as agent:
+        agent.wait_ready()
+        time.sleep(5)  # start-up work (kallsyms, first windows) out of the way
+        idle, _ = cpu_over(agent, seconds, 0)
+        for rate in rates:
+            cpu, execs = cpu_over(agent, seconds, rate)
+            per_exec_ms = 1000 * max(0.0, cpu - idle) / max(1, execs)
+            results.append(
+                {
+                    "rate": rate,
+                    "execs": execs,
+                    "agent_cpu_s": round(cpu, 2),
+                    "idle_cpu_s": round(idle, 2),
+                    "per_exec_ms": round(per_exec_ms, 3),
+                    "core_share": round(max(0.0, cpu - idle) / seconds, 3),
+                }
+            )
+            print(results[-1], flush=True)
+    return results
+
+
+def main() -> None:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--rates", default="100,300,1000", help="execs per second, comma-separated")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    if args.quick:
+        args.rates, args.seconds = "300", 10.0
+    require_root()
+    rates = [int(r) for r in args.rates.split(",")]
+    with scratch("churn") as workdir:
+        results = measure(workdir, rates, args.seconds)
+    emit("churn", {"settings": {"seconds": args.seconds}, "rates": results}, args.json)
+
+
+if __name__ == "__main__":
+    main()
