@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.metrics import PROCESS_CACHE_SIZE, PROCESS_READ_ERRORS, PROCESSES_SEEN
+from agent.metrics import PROCESS_CACHE_SIZE, PROCESSES_SEEN
 from agent.model import ProcessInfo
 from agent.process.mapindex import MappingIndex
-from agent.process.reader import PROC, error_reason, read_process, read_start
+from agent.process.reader import PROC, read_process, read_start
 
 MAX_COVERED = 1 << 16  # addresses remembered as mapped, per process
 
@@ -93,19 +93,17 @@ class ProcessCache:
         """
         with self._lock:
             entry = self._entries.get(pid)
-            try:
-                _, start_time = read_start(pid, self._proc)
-            except (OSError, ValueError) as exc:
-                if entry is None:
-                    PROCESS_READ_ERRORS.labels(reason=error_reason(exc)).inc()
-                    return None
-                return entry.info
-            if entry is not None and entry.info.start_time == start_time and not reread:
-                self._entries.move_to_end(pid)
-                return entry.info
-            info = read_process(pid, self._proc)
+            if entry is not None and not reread:  # known: is it still the same process?
+                try:
+                    _, start_time = read_start(pid, self._proc)
+                except (OSError, ValueError):
+                    return entry.info
+                if entry.info.start_time == start_time:
+                    self._entries.move_to_end(pid)
+                    return entry.info
+            info = read_process(pid, self._proc)  # counts its own read errors
             if info is None:
-                return None
+                return entry.info if entry is not None else None
             self._store(pid, _Entry(info))
             self._unreadable.discard(pid)
             PROCESSES_SEEN.inc()
