@@ -131,6 +131,7 @@ def build_pipeline(
             unwinder=config.unwinder,
             unwind_table_rows=config.unwind_table_rows,
             cache_dir=config.cache_dir,
+            read_process=processes.fresh,
         ),
         processes=processes,
         symbolizer=symbolizer,

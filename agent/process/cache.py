@@ -13,6 +13,7 @@ few windows passed without use), so samples drained after its exit are still nam
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from agent.process.mapindex import MappingIndex
 from agent.process.reader import PROC, read_process, read_start
 
 MAX_COVERED = 1 << 16  # addresses remembered as mapped, per process
+FRESH_SECONDS = 0.05  # a capture this recent is as good as a new read of /proc
 
 
 @dataclass
@@ -32,6 +34,7 @@ class _Entry:
     used_this_window: bool = False
     refreshed_window: int = -1  # the window in which maps were last re-read
     dead_windows: int = 0  # windows ended since we found the process gone, unused
+    captured_at: float = field(default_factory=time.monotonic)  # when info was read
     # Built on first use and dropped with `info`: get_covering checks every address of
     # every stack, and most addresses repeat, so known ones cost one set lookup.
     _index: MappingIndex | None = None
@@ -39,6 +42,7 @@ class _Entry:
 
     def replace(self, info: ProcessInfo) -> None:
         self.info, self._index, self._covered = info, None, {0}
+        self.captured_at = time.monotonic()
 
     def covers(self, addresses: Iterable[int]) -> bool:
         """Whether every non-zero address lies in one of info's mappings."""
@@ -108,6 +112,16 @@ class ProcessCache:
             self._unreadable.discard(pid)
             PROCESSES_SEEN.inc()
             return info
+
+    def fresh(self, pid: int, max_age: float = FRESH_SECONDS) -> ProcessInfo | None:
+        """The capture of pid if it was read within max_age seconds (an exec event's,
+        just now), else a new read: the unwind worker asks for the process right after
+        the capture, and /proc is read once per exec instead of twice."""
+        with self._lock:
+            entry = self._entries.get(pid)
+            if entry is not None and time.monotonic() - entry.captured_at <= max_age:
+                return entry.info
+        return read_process(pid, self._proc)
 
     def get(self, pid: int) -> ProcessInfo | None:
         """The known process for pid (captured now if unknown); marks it used this window."""

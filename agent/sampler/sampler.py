@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -76,7 +77,10 @@ class Sampler:
         counts_entries: int = DEFAULT_COUNTS_ENTRIES,
         stack_entries: int = DEFAULT_STACK_ENTRIES,
         cache_dir: str | Path | None = None,
+        read_process: Callable[[int], ProcessInfo | None] | None = None,
     ) -> None:
+        """read_process: how the unwind workers read a pid (default: /proc, afresh);
+        the pipeline passes its process cache's, which reuses a capture just made."""
         if frequency <= 0:
             raise ValueError(f"sampling frequency must be positive, got {frequency}")
         if pid is not None and pid <= 0:
@@ -92,6 +96,7 @@ class Sampler:
         self._counts_entries = counts_entries
         self._stack_entries = stack_entries
         self._cache_dir = Path(cache_dir) if cache_dir else None  # headers tree, programs
+        self._read_process = read_process
         self._program: SamplerProgram | None = None
         self._unwind_worker: UnwindWorker | None = None
         self._unwind_seen: tuple[int, ...] = ()
@@ -111,7 +116,7 @@ class Sampler:
             self._lost_seen = program.read_lost()
             self._unwind_seen = program.read_unwind_stats()
             if program.table_unwinding:
-                self._unwind_worker = UnwindWorker(UnwindTables(program))
+                self._unwind_worker = UnwindWorker(UnwindTables(program), read=self._read_process)
                 self._unwind_worker.start()
             self._window_start_ns = time.time_ns()
             program.attach()

@@ -183,3 +183,13 @@ def test_real_process_captured_then_killed_is_still_attributed(c_binaries: Path)
     if Path(f"/proc/{pid}").exists():
         pytest.skip("pid was reused by another process meanwhile")
     assert cache.get(pid) is None
+
+
+def test_a_capture_just_made_is_reused_instead_of_reading_proc_again() -> None:
+    """The unwind worker asks for a process right after an exec event's capture."""
+    cache = ProcessCache()
+    me = cache.capture(os.getpid())
+    assert me is not None
+    assert cache.fresh(os.getpid()) is me  # within FRESH_SECONDS: the same capture
+    again = cache.fresh(os.getpid(), max_age=-1)  # too old: /proc is read again
+    assert again is not None and again is not me and again.start_time == me.start_time
