@@ -67,7 +67,7 @@ class Pipeline:
     def capture_new_processes(self, timeout_ms: int) -> None:
         """Read /proc for processes the kernel just saw, before they can exit."""
         for new in self.sampler.poll_new_processes(timeout_ms=timeout_ms):
-            process = self.processes.capture(new.pid, reread=new.after_exec)
+            process = self.processes.capture(new.pid, reread=new.reread)
             if process is not None and self.indexer is not None:
                 self.indexer.watch(process)
 

@@ -147,22 +147,23 @@ def lost_deltas(previous: Sequence[int], current: Sequence[int]) -> dict[str, in
 
 @dataclass(frozen=True)
 class NewProcess:
-    """A pid to read from /proc now: first sampled, or running a new image."""
+    """A pid to read from /proc now: first sampled, running a new image, or running
+    code mapped since it was read."""
 
     pid: int
     # After an exec the pid and start time stay the same but every mapping changed,
-    # so an earlier capture (say, of a vfork child before its exec) is stale.
-    after_exec: bool
+    # so an earlier capture (say, of a vfork child before its exec) is stale; after an
+    # unknown-code event the capture lacks what was mapped since (a dlopen). Read
+    # again now: a process that exits before the window ends can't be read then.
+    reread: bool
 
 
 def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
-    """Distinct pids first sampled or exec'd, in the order they first appear."""
+    """Distinct pids first sampled, exec'd or running new code, in the order they first
+    appear; reread unless only first sampled."""
     events = list(events)
-    execed = {e.pid for e in events if e.kind == EVENT_EXEC}
-    return [
-        NewProcess(pid, pid in execed)
-        for pid in distinct_pids(e for e in events if e.kind in (EVENT_FIRST_SAMPLE, EVENT_EXEC))
-    ]
+    changed = {e.pid for e in events if e.kind in (EVENT_EXEC, EVENT_UNKNOWN_MAPPING)}
+    return [NewProcess(pid, pid in changed) for pid in distinct_pids(events)]
 
 
 def distinct_pids(events: Iterable[PidEvent]) -> list[int]:

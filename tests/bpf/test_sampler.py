@@ -226,7 +226,7 @@ def test_poll_new_processes_reports_short_lived_exec(
     announced = poll_until(sampler, proc.pid)
     # The exec is reported as such, so the process cache reads the new image even
     # when it captured the forked child before its exec.
-    assert NewProcess(proc.pid, after_exec=True) in announced
+    assert NewProcess(proc.pid, reread=True) in announced
 
 
 def test_poll_new_processes_reports_forked_child_on_first_sample(
@@ -247,7 +247,7 @@ def test_poll_new_processes_reports_forked_child_on_first_sample(
     processes.append(proc)
     assert proc.stdout is not None
     child = int(proc.stdout.readline())
-    assert NewProcess(child, after_exec=False) in poll_until(sampler, child)
+    assert NewProcess(child, reread=False) in poll_until(sampler, child)
 
 
 def poll_until(sampler: Sampler, pid: int, timeout: float = 10) -> list[NewProcess]:

@@ -443,7 +443,7 @@ def test_a_whole_host_profile_while_bcc_compiles_has_no_junk_stacks(
     end = time.monotonic() + 8
     while time.monotonic() < end:
         for new in dwarf.poll_new_processes(timeout_ms=50):  # as the daemon's loop does
-            cache.capture(new.pid, reread=new.after_exec)
+            cache.capture(new.pid, reread=new.reread)
     window = dwarf.drain()
     symbolizer = Symbolizer()
     runs = []

@@ -6,6 +6,7 @@ from agent.model import StackSample
 from agent.sampler.convert import (
     EVENT_EXEC,
     EVENT_FIRST_SAMPLE,
+    EVENT_UNKNOWN_MAPPING,
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
     NewProcess,
@@ -134,17 +135,19 @@ def test_loss_reasons_match_the_bpf_enum() -> None:
     assert "pid_event_dropped" not in SAMPLE_LOSS_REASONS
 
 
-def test_new_processes_dedupe_in_order_and_mark_execs() -> None:
+def test_new_processes_dedupe_in_order_and_mark_changed_images() -> None:
     events = [
         PidEvent(5, EVENT_EXEC),
         PidEvent(3, EVENT_FIRST_SAMPLE),
         PidEvent(5, EVENT_FIRST_SAMPLE),
         PidEvent(9, EVENT_EXEC),
+        PidEvent(7, EVENT_UNKNOWN_MAPPING),  # code mapped since its capture: read it again
     ]
     assert new_processes(events) == [
-        NewProcess(5, after_exec=True),
-        NewProcess(3, after_exec=False),
-        NewProcess(9, after_exec=True),
+        NewProcess(5, reread=True),
+        NewProcess(3, reread=False),
+        NewProcess(9, reread=True),
+        NewProcess(7, reread=True),
     ]
     assert new_processes([]) == []
 
