@@ -1,31 +1,44 @@
-"""Samples -> a self-contained SVG flame graph (Brendan Gregg's layout, no script).
+"""Samples -> a self-contained, interactive SVG flame graph (flamegraph.pl's layout).
 
-The root ("all") is at the bottom and spans the full width; each box above is a callee,
-as wide as the samples whose stacks pass through it. Inlined frames of one Location are
-separate boxes, caller below callee. Every box carries a <title> tooltip with its name,
-samples and percent; boxes narrower than MIN_WIDTH_PX are left out (with their callees).
-Colors come from a hash of the name, so the same function has the same color everywhere.
+The root ("all") is at the bottom and spans the full width; above it one frame per process
+(so different programs never merge), then each process's stacks, outermost caller first,
+each box as wide as the samples whose stacks pass through it. Inlined frames of one Location
+are separate boxes, caller below callee; a run of unnamed frames of one file is one
+`[file]` box. Boxes narrower than MIN_WIDTH_PX are merged (see agent/render/tree.py).
+Every box has a <title> tooltip with its name, samples and percent. Colors come from a hash
+of the name, so the same function has the same color everywhere.
+
+The inline script (agent/render/script.py) adds click-to-zoom and regex search, and opens
+a graph taller than the window at its bottom (`all` and the processes) with the title bar
+pinned; the file loads nothing else, so it works offline, from disk, as an attachment.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from xml.sax.saxutils import escape
 
-from agent.model import Frame, Location, ProfileSample
+from agent.model import ProfileSample
+from agent.render.names import Kind
+from agent.render.script import STYLE, script
+from agent.render.tree import Box, build_tree, keep_width, layout
 
 WIDTH = 1200.0  # px
 FRAME_HEIGHT = 16.0
 MARGIN = 10.0
-TITLE_SPACE = 34.0  # above the frames
+TITLE_SPACE = 34.0  # above the frames: title, Reset Zoom, Search
+FOOTER_SPACE = 20.0  # below: the hovered frame's details, the search's matched share
 FONT_SIZE = 12
 CHAR_WIDTH = FONT_SIZE * 0.59  # average glyph width of Verdana at FONT_SIZE
-MIN_WIDTH_PX = 0.1  # Gregg's default: narrower boxes are omitted
-ROOT_NAME = "all"
+# Narrower boxes are hidden and merged: they can't be read or aimed at, and a whole-host
+# graph drawn down to flamegraph.pl's 0.1 px is mostly grass.
+MIN_WIDTH_PX = 2.0
+# Narrower ones are not even in the file (flamegraph.pl's --minwidth), nor more than
+# MAX_FRAMES of the widest (~150 bytes each; a browser loads 20,000 in about a second).
+KEEP_WIDTH_PX = 0.1
+MAX_FRAMES = 20_000
 # Characters XML 1.0 cannot carry at all (a malformed ELF can put them in a symbol name).
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -35,95 +48,18 @@ def xml_text(value: str) -> str:
     return escape(_NOT_XML.sub("\ufffd", value))
 
 
-def frame_name(location: Location, frame: Frame | None) -> str:
-    """A frame's function, or `0x<addr> (<mapping basename>)` when it is unsymbolized."""
-    if frame is not None and frame.function:
-        return frame.function
-    name = f"0x{location.address:x}"
-    if location.mapping is not None and location.mapping.path:
-        name += f" ({os.path.basename(location.mapping.path)})"
-    elif location.kernel:
-        name += " ([kernel])"
-    return name
-
-
-def location_names(location: Location) -> list[str]:
-    """The function names of one location, innermost (inlined) first, caller last."""
-    if not location.frames:
-        return [frame_name(location, None)]
-    return [frame_name(location, frame) for frame in location.frames]
-
-
-def stack_names(sample: ProfileSample) -> list[str]:
-    """Every frame of a sample's stack, innermost first (inline frames expanded)."""
-    return [name for location in sample.locations for name in location_names(location)]
-
-
-@dataclass
-class Node:
-    name: str
-    kernel: bool = False
-    count: int = 0
-    children: dict[str, Node] = field(default_factory=dict)
-
-    def child(self, name: str, kernel: bool) -> Node:
-        node = self.children.get(name)
-        if node is None:
-            node = self.children[name] = Node(name, kernel)
-        return node
-
-
-def build_tree(samples: Sequence[ProfileSample]) -> Node:
-    """Merge stacks into a call tree rooted at ROOT_NAME (outermost caller first)."""
-    root = Node(ROOT_NAME)
-    for sample in samples:
-        if sample.count <= 0:
-            continue
-        root.count += sample.count
-        node = root
-        for location in reversed(sample.locations):
-            for name in reversed(location_names(location)):
-                node = node.child(name, location.kernel)
-                node.count += sample.count
-    return root
-
-
-@dataclass(frozen=True)
-class Box:
-    name: str
-    kernel: bool
-    count: int
-    depth: int  # 0 = root
-    x: float
-    width: float
-
-
-def layout(root: Node, width: float = WIDTH) -> Iterator[Box]:
-    """Boxes in depth-first order; children left to right by name (like Gregg's sort)."""
-    if root.count <= 0:
-        return
-    scale = width / root.count
-    pending = [(root, 0, 0.0)]
-    while pending:
-        node, depth, x = pending.pop()
-        box_width = node.count * scale
-        if box_width < MIN_WIDTH_PX:
-            continue
-        yield Box(node.name, node.kernel, node.count, depth, x, box_width)
-        children = []
-        child_x = x
-        for name in sorted(node.children):
-            child = node.children[name]
-            children.append((child, depth + 1, child_x))
-            child_x += child.count * scale
-        pending.extend(reversed(children))  # pop() takes the leftmost first
-
-
-def color(name: str, kernel: bool) -> str:
-    """Gregg's "hot" palette for user code, an orange-brown one for the kernel."""
+def color(name: str, kind: Kind) -> str:
+    """flamegraph.pl's "hot" palette for code, orange-brown for the kernel, blue for
+    processes, tan for unnamed code, grey for merged narrow frames."""
+    if kind == "elided":
+        return "rgb(215,215,215)"
     digest = zlib.crc32(name.encode("utf-8", "surrogatepass"))
     v1, v2, v3 = (((digest >> shift) & 0xFF) / 255 for shift in (0, 8, 16))
-    if kernel:
+    if kind == "process":
+        return f"rgb({110 + round(40 * v1)},{170 + round(40 * v2)},{220 + round(35 * v3)})"
+    if kind == "unnamed":
+        return f"rgb({195 + round(30 * v1)},{180 + round(30 * v1)},{140 + round(30 * v2)})"
+    if kind == "kernel":
         return f"rgb({200 + round(55 * v1)},{120 + round(60 * v2)},{round(40 * v3)})"
     return f"rgb({205 + round(50 * v3)},{round(230 * v1)},{round(55 * v2)})"
 
@@ -141,10 +77,12 @@ def render_box(box: Box, total: int, top: float, depth_span: int) -> str:
     percent = 100.0 * box.count / total
     tooltip = f"{box.name} ({box.count:,} samples, {percent:.2f}%)"
     label = fit_label(box.name, box.width)
+    classes = "frame" + (" elided" if box.kind == "elided" else "") + ("" if box.shown else " hide")
+    left_out = ' data-left-out="{} {}"'.format(*box.left_out) if box.left_out[0] else ""
     parts = [
-        f"<g><title>{xml_text(tooltip)}</title>",
+        f'<g class="{classes}"{left_out}><title>{xml_text(tooltip)}</title>',
         f'<rect x="{MARGIN + box.x:.2f}" y="{y:.1f}" width="{box.width:.2f}" '
-        f'height="{FRAME_HEIGHT - 1:.1f}" fill="{color(box.name, box.kernel)}" rx="2" ry="2"/>',
+        f'height="{FRAME_HEIGHT - 1:.1f}" fill="{color(box.name, box.kind)}" rx="2" ry="2"/>',
     ]
     if label:
         parts.append(
@@ -155,29 +93,74 @@ def render_box(box: Box, total: int, top: float, depth_span: int) -> str:
     return "".join(parts)
 
 
-def render_flamegraph(samples: Sequence[ProfileSample], title: str = "Flame Graph") -> str:
+def backdrop(total_width: float, height: float, empty: bool) -> list[str]:
+    """What is under the frames: the style and the background."""
+    lines = [
+        f"<style>{STYLE}</style>",
+        f'<rect id="background" x="0" y="0" width="{total_width:g}" height="{height:g}" '
+        'fill="#f8f8f8"/>',
+    ]
+    if empty:
+        lines.append(
+            f'<text x="{total_width / 2:.1f}" y="{TITLE_SPACE + 12:.0f}" '
+            f'text-anchor="middle">no samples</text>'
+        )
+    return lines
+
+
+def controls(title: str, total_width: float, height: float) -> list[str]:
+    """What is over the frames (drawn after them, so on top): the header (title, Reset Zoom,
+    Search) and the footer (hovered frame, matched share). The script pins both to the
+    window's edges, so a graph taller than the window keeps them in sight."""
+    bottom = height - MARGIN - 4
+    footer_top = height - FOOTER_SPACE - MARGIN + 2
+    return [
+        '<g id="header">',
+        f'<rect x="0" y="0" width="{total_width:g}" height="{TITLE_SPACE - 2:g}" fill="#f8f8f8"/>',
+        f'<text x="{total_width / 2:.1f}" y="24" text-anchor="middle" font-size="17">'
+        f"{xml_text(title)}</text>",
+        f'<text id="unzoom" class="button hide" x="{MARGIN:g}" y="24">Reset Zoom</text>',
+        f'<text id="search" class="button hide" x="{total_width - MARGIN:g}" y="24" '
+        'text-anchor="end">Search</text>',
+        "</g>",
+        '<g id="footer">',
+        f'<rect x="0" y="{footer_top:g}" width="{total_width:g}" height="{height - footer_top:g}" '
+        'fill="#f8f8f8"/>',
+        f'<text id="details" x="{MARGIN:g}" y="{bottom:.0f}"> </text>',
+        f'<text id="matched" x="{total_width - MARGIN:g}" y="{bottom:.0f}" '
+        'text-anchor="end"> </text>',
+        "</g>",
+    ]
+
+
+def render_flamegraph(
+    samples: Sequence[ProfileSample],
+    title: str = "Flame Graph",
+    min_width: float = MIN_WIDTH_PX,
+) -> str:
     """A standalone SVG document (UTF-8 text) showing `samples` as a flame graph."""
     root = build_tree(samples)
-    boxes = list(layout(root))
-    depth_span = max((box.depth for box in boxes), default=0)
-    height = TITLE_SPACE + (depth_span + 1) * FRAME_HEIGHT + 2 * MARGIN
+    keep = keep_width(root, WIDTH, KEEP_WIDTH_PX, MAX_FRAMES)
+    min_width = max(min_width, keep)  # over budget with the shown frames alone: show fewer
+    boxes = list(layout(root, WIDTH, min_width, min(keep, min_width)))
+    # As tall as the highest frame shown: the hidden ones above it may be a tower of slivers.
+    # Zooming in grows the picture upwards when it shows them (agent/render/script.py).
+    depth_span = max((box.depth for box in boxes if box.shown), default=0)
+    height = TITLE_SPACE + (depth_span + 1) * FRAME_HEIGHT + FOOTER_SPACE + 2 * MARGIN
     total_width = WIDTH + 2 * MARGIN
     lines = [
         '<?xml version="1.0" encoding="UTF-8" standalone="no"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{total_width:.0f}" '
         f'height="{height:.0f}" viewBox="0 0 {total_width:.0f} {height:.0f}" '
         f'font-family="Verdana, sans-serif" font-size="{FONT_SIZE}">',
-        '<rect x="0" y="0" width="100%" height="100%" fill="#f8f8f8"/>',
-        f'<text x="{total_width / 2:.1f}" y="24" text-anchor="middle" font-size="17">'
-        f"{xml_text(title)}</text>",
+        *backdrop(total_width, height, not boxes),
+        '<g id="frames">',
+        *(render_box(box, root.count, TITLE_SPACE, depth_span) for box in boxes),
+        "</g>",
+        *controls(title, total_width, height),
+        '<script type="text/ecmascript"><![CDATA[',
+        script(WIDTH, MARGIN, FRAME_HEIGHT, CHAR_WIDTH, min_width, TITLE_SPACE),
+        "]]></script>",
+        "</svg>",
     ]
-    if not boxes:
-        lines.append(
-            f'<text x="{total_width / 2:.1f}" y="{TITLE_SPACE + 12:.0f}" '
-            f'text-anchor="middle">no samples</text>'
-        )
-    lines.append('<g id="frames">')
-    lines.extend(render_box(box, root.count, TITLE_SPACE, depth_span) for box in boxes)
-    lines.append("</g>")
-    lines.append("</svg>")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   linux-perf                                               # benchmarks: perf record next to ours
   rustc                                                    # Rust v0 demangling test (real symbols)
   mold                                                     # unwind: mold's segment layout
+  chromium                                                 # flame graph tests in a browser
 )
 
 missing=()

@@ -16,8 +16,12 @@ def loc(*functions: str, address: int = 0x401000) -> Location:
     return Location(address=address, mapping=EXE, frames=tuple(Frame(f) for f in functions))
 
 
-def sample(count: int, *locations: Location) -> ProfileSample:
-    return ProfileSample(locations=locations, count=count)
+def sample(count: int, *locations: Location, pid: int = 42, comm: str = "app") -> ProfileSample:
+    return ProfileSample(locations, count, (("comm", comm), ("pid", str(pid))), pid)
+
+
+def unnamed(offset: int) -> Location:
+    return Location(address=EXE.start + offset, mapping=EXE)
 
 
 def by_function(rows: list[TopRow]) -> dict[str, TopRow]:
@@ -60,14 +64,50 @@ def test_self_is_the_innermost_inline_frame() -> None:
 
 
 def test_unsymbolized_leaf_is_named_by_address_and_limit_applies() -> None:
-    unknown = Location(address=0x401234, mapping=EXE)
-    rows = hottest_functions([sample(5, unknown, loc("main")), sample(1, loc("x"))], limit=1)
+    rows = hottest_functions([sample(5, unnamed(0x1234), loc("main")), sample(1, loc("x"))], 1)
     assert [row.function for row in rows] == ["0x401234 (app)"]
     assert hottest_functions([], limit=5) == []
 
 
+def test_each_row_names_its_process_and_processes_do_not_merge() -> None:
+    rows = hottest_functions(
+        [
+            sample(5, loc("work"), loc("main"), pid=10, comm="nginx"),
+            sample(3, loc("work"), loc("main"), pid=20, comm="redis"),
+            sample(1, loc("work"), pid=20, comm="redis-bio"),  # a thread of redis
+        ],
+        limit=10,
+    )
+    work = [
+        (row.process, row.self_samples, row.self_percent) for row in rows if row.function == "work"
+    ]
+    assert work == [
+        ("nginx/10", 5, pytest.approx(5 / 9 * 100)),
+        ("redis/20", 4, pytest.approx(4 / 9 * 100)),
+    ]
+    assert {row.process for row in rows} == {"nginx/10", "redis/20"}
+
+
+def test_one_sample_unnamed_rows_fold_into_their_mapping() -> None:
+    rows = hottest_functions(
+        [
+            sample(1, unnamed(0x10), loc("main")),
+            sample(1, unnamed(0x20), unnamed(0x30), loc("main")),  # two in one sample
+            sample(1, unnamed(0x10), loc("other")),  # 0x10 seen twice: its own row
+            sample(4, loc("hot"), unnamed(0x40)),  # one stack, four samples: its own row
+        ],
+        limit=20,
+    )
+    found = {row.function: (row.self_samples, row.cum_samples) for row in rows}
+    assert found["[app]"] == (1, 1)  # 0x20 and 0x30: one sample, counted once
+    assert found["0x400010 (app)"] == (2, 2)
+    assert found["0x400040 (app)"] == (0, 4)
+    assert not {"0x400020 (app)", "0x400030 (app)"} & found.keys()
+    assert sum(row.self_samples for row in rows) == 7  # folding loses no sample
+
+
 def test_render_table_cuts_lines_to_width() -> None:
-    rows = [TopRow("a" * 200, 3, 5, 30.0, 50.0), TopRow("short", 1, 1, 10.0, 10.0)]
+    rows = [TopRow("a" * 200, 3, 5, 30.0, 50.0, "x/1"), TopRow("short", 1, 1, 10.0, 10.0, "y/2")]
     text = render_table(rows, width=60, header="strobe top - test")
     lines = text.splitlines()
     assert lines[0] == "strobe top - test"
@@ -75,6 +115,16 @@ def test_render_table_cuts_lines_to_width() -> None:
     assert all(len(line) <= 60 for line in lines)
     assert " 30.00%" in lines[2] and lines[3].endswith("short")
     assert "no samples" in render_table([], 80, "h")
+
+
+def test_render_table_has_a_process_column() -> None:
+    rows = [TopRow("f", 3, 5, 30.0, 50.0, "python3/4242"), TopRow("g", 1, 1, 10.0, 10.0, "x" * 40)]
+    lines = render_table(rows, width=200, header="h").splitlines()
+    assert lines[1].split() == ["SELF%", "SELF", "CUM%", "CUM", "PROCESS", "FUNCTION"]
+    function_column = lines[1].index("FUNCTION")
+    assert lines[2].split()[-2:] == ["python3/4242", "f"]
+    assert lines[2].index(" f") + 1 == lines[3].index(" g") + 1 == function_column
+    assert "x" * 24 + "  g" in lines[3]  # a long name is cut to PROCESS_WIDTH
 
 
 def test_run_top_refreshes_each_interval_without_ansi_when_not_a_tty() -> None:
@@ -96,6 +146,7 @@ def test_run_top_refreshes_each_interval_without_ansi_when_not_a_tty() -> None:
     assert CLEAR_SCREEN not in text
     first, second = text.split("\n\n")
     assert "pid 42" in first and "3 samples" in first and "first" in first
+    assert "app/42" in first
     assert "second" in second and "first" not in second and "never" not in text
 
 
