@@ -160,9 +160,15 @@ class NewProcess:
 
 def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
     """Distinct pids first sampled, exec'd or running new code, in the order they first
-    appear; reread unless only first sampled."""
+    appear. Reread after an exec, and after unknown code in a process that was not
+    also first sampled now (a new process's first walk always meets unrouted code)."""
     events = list(events)
-    changed = {e.pid for e in events if e.kind in (EVENT_EXEC, EVENT_UNKNOWN_MAPPING)}
+    first = {e.pid for e in events if e.kind == EVENT_FIRST_SAMPLE}
+    changed = {
+        e.pid
+        for e in events
+        if e.kind == EVENT_EXEC or (e.kind == EVENT_UNKNOWN_MAPPING and e.pid not in first)
+    }
     return [NewProcess(pid, pid in changed) for pid in distinct_pids(events)]
 
 

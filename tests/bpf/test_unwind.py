@@ -22,6 +22,7 @@ from agent.process.cache import ProcessCache
 from agent.process.reader import read_process
 from agent.sampler import Sampler
 from agent.sampler.convert import UNWIND_STATS
+from agent.sampler.kernel_headers import find_kernel_headers
 from agent.symbolize.symbolizer import Symbolizer
 from agent.unwind.registry import resolve_binary
 from tests.conftest import REPO, require_tool
@@ -439,19 +440,24 @@ def test_a_whole_host_profile_while_bcc_compiles_has_no_junk_stacks(
     stacks; no stack of a process running them may hold 16 or more unnamed frames in
     a row (the frame-pointer guess made 127-frame towers of junk there)."""
     cache = ProcessCache()
-    processes.append(subprocess.Popen([SYSTEM_PYTHON, "-c", BCC_COMPILES, "8"]))
+    env = os.environ | find_kernel_headers().bcc_environment()  # as the agent's compile has
+    compiler = subprocess.Popen([SYSTEM_PYTHON, "-c", BCC_COMPILES, "8"], env=env)
+    processes.append(compiler)
     end = time.monotonic() + 8
     while time.monotonic() < end:
         for new in dwarf.poll_new_processes(timeout_ms=50):  # as the daemon's loop does
             cache.capture(new.pid, reread=new.reread)
     window = dwarf.drain()
+    assert compiler.wait(timeout=60) == 0, "the bcc compiles failed"
     symbolizer = Symbolizer()
     runs = []
     for sample in window.samples:
         process = cache.get_covering(sample.pid, sample.user_stack)
-        if process is None or not any(LLVM.search(m.path) for m in process.mappings):
-            continue  # not a bcc compiler (a stripped program elsewhere may be unnamed)
+        if sample.pid != compiler.pid or process is None:
+            continue  # elsewhere, a stripped program's frames may well be unnamed
         names = function_names(symbolizer, process, sample.user_stack)
         runs.append((longest_unnamed_run(names), sample.comm, len(sample.user_stack)))
     assert len(runs) >= 10, "too few samples of bcc compiling"
     assert max(runs)[0] < 16, sorted(runs, reverse=True)[:5]
+    final = cache.get(compiler.pid)
+    assert final is not None and any(LLVM.search(m.path) for m in final.mappings)

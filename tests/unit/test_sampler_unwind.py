@@ -12,6 +12,7 @@ from agent.sampler.convert import (
     EVENT_FIRST_SAMPLE,
     EVENT_UNKNOWN_MAPPING,
     UNWIND_STATS,
+    NewProcess,
     PidEvent,
     RawCount,
     distinct_pids,
@@ -58,14 +59,21 @@ def test_pid_event_kinds_match_the_bpf_enum() -> None:
     assert kinds == [0, 1, 2]
 
 
-def test_unknown_mapping_events_refresh_tables_but_are_not_new_processes() -> None:
+def test_unknown_mapping_events_reread_the_process() -> None:
+    """Code mapped since the capture (a dlopen): read the process again now, while it
+    runs; a first sample's unknown code is the same capture, not a second read."""
     events = [
         PidEvent(4, EVENT_UNKNOWN_MAPPING),
         PidEvent(5, EVENT_FIRST_SAMPLE),
+        PidEvent(5, EVENT_UNKNOWN_MAPPING),  # a new process: nothing is routed yet
         PidEvent(4, EVENT_UNKNOWN_MAPPING),
         PidEvent(6, EVENT_EXEC),
     ]
-    assert [new.pid for new in new_processes(events)] == [5, 6]
+    assert new_processes(events) == [
+        NewProcess(4, reread=True),
+        NewProcess(5, reread=False),
+        NewProcess(6, reread=True),
+    ]
     assert distinct_pids(events) == [4, 5, 6]
 
 
