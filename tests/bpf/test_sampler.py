@@ -223,10 +223,11 @@ def test_poll_new_processes_reports_short_lived_exec(
 ) -> None:
     proc = subprocess.Popen([str(c_binaries / "spin_pie"), "0.3"])
     processes.append(proc)
-    announced = poll_until(sampler, proc.pid)
     # The exec is reported as such, so the process cache reads the new image even
-    # when it captured the forked child before its exec.
-    assert NewProcess(proc.pid, reread=True) in announced
+    # when it captured the forked child before its exec (whose first sample, if the
+    # tick caught it between fork and exec, may come in an earlier poll).
+    exec_reported = NewProcess(proc.pid, reread=True)
+    assert exec_reported in poll_until(sampler, proc.pid, wanted=exec_reported)
 
 
 def test_poll_new_processes_reports_forked_child_on_first_sample(
@@ -250,10 +251,15 @@ def test_poll_new_processes_reports_forked_child_on_first_sample(
     assert NewProcess(child, reread=False) in poll_until(sampler, child)
 
 
-def poll_until(sampler: Sampler, pid: int, timeout: float = 10) -> list[NewProcess]:
+def poll_until(
+    sampler: Sampler, pid: int, timeout: float = 10, wanted: NewProcess | None = None
+) -> list[NewProcess]:
+    """New processes polled until pid shows up (or `wanted` does, when given)."""
     seen: list[NewProcess] = []
     deadline = time.monotonic() + timeout
-    while pid not in {new.pid for new in seen} and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if (wanted in seen) if wanted is not None else pid in {new.pid for new in seen}:
+            break
         seen += sampler.poll_new_processes(timeout_ms=100)
     return seen
 
