@@ -1,8 +1,9 @@
 """The admin HTTP server: /metrics, /healthz, /readyz (and routes added by the daemon).
 
 Binds 127.0.0.1 by default. The daemon refuses a non-loopback bind without a token
-(see agent.daemon.check_http_exposure); when a token is set every route but /healthz and /readyz
-requires `Authorization: Bearer <token>`, compared in constant time.
+(see agent.daemon.check_http_exposure). Routes under /debug/pprof/ always require
+`Authorization: Bearer <token>` (refused outright when the server has no token); every other
+route but `open_paths` requires it when a token is set. Tokens are compared in constant time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # Kubelet probes cannot carry a secret, and these two reveal nothing.
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
+# Profiles show every process's stacks, pids, comms and paths: never served without a token,
+# not even on loopback (any local user can reach loopback).
+TOKEN_ONLY_PREFIX = "/debug/pprof/"
 
 # A route gets the parsed query and returns (status, content type, body), or that plus
 # extra response headers.
@@ -47,8 +51,14 @@ def split_address(address: str) -> tuple[str, int]:
 class AdminServer:
     """A small threaded HTTP server; routes are plain functions."""
 
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        open_paths: frozenset[str] = UNAUTHENTICATED_PATHS,
+    ) -> None:
         self._token = token
+        self._open_paths = open_paths
         self._ready = threading.Event()
         self.routes: dict[str, Route] = {
             "/metrics": lambda _query: (
@@ -90,8 +100,11 @@ class AdminServer:
         return 503, "text/plain", b"not ready\n"
 
     def authorized(self, header: str | None, path: str) -> bool:
-        if self._token is None or path in UNAUTHENTICATED_PATHS:
+        token_only = path.startswith(TOKEN_ONLY_PREFIX)
+        if not token_only and (self._token is None or path in self._open_paths):
             return True
+        if self._token is None:
+            return False  # fail closed: no token, no profiles
         expected = f"Bearer {self._token}".encode()
         return hmac.compare_digest((header or "").encode(), expected)
 

@@ -112,11 +112,20 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def check_pid(pid: int | None) -> None:
+    """Refuse a --pid that names no process: it would only ever yield an empty profile."""
+    from agent.process.reader import process_exists
+
+    if pid is not None and not process_exists(pid):
+        raise ConfigError(f"flag --pid: process {pid} does not exist")
+
+
 def dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == RUN:
         from agent.daemon import run
 
         return run(config, reload_config=lambda: build_config(args, args.command))
+    check_pid(args.pid)
     if args.command == TOP:
         from agent.top import run_top_command
 
@@ -158,6 +167,34 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"strobe: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        message = known_failure(exc)
+        if message is None:
+            raise  # a bug: the traceback is what its report needs
+        log.debug("failed: %s", message, exc_info=True)  # --log-level debug: the traceback
+        print(f"strobe: {message}", file=sys.stderr)
+        return 1
+
+
+PRIVILEGE_FIX = (
+    "run as root or grant CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE, "
+    "CAP_DAC_READ_SEARCH, CAP_SYSLOG (see docs/deploy.md)"
+)
+NOT_PERMITTED = ("Operation not permitted", "Permission denied")
+
+
+def known_failure(exc: Exception) -> str | None:
+    """One line saying what to do about a failure the host causes; None for a bug."""
+    from agent.sampler.compile_child import BpfCompileError
+    from agent.sampler.kernel_headers import KernelHeadersError
+
+    if isinstance(exc, KernelHeadersError):
+        return str(exc)  # already names what was looked for and the fix
+    if isinstance(exc, PermissionError):
+        return f"not permitted to use {exc.filename or 'a resource'}: {PRIVILEGE_FIX}"
+    if isinstance(exc, BpfCompileError) and any(text in str(exc) for text in NOT_PERMITTED):
+        return f"not permitted to load the BPF sampler: {PRIVILEGE_FIX}"
+    return None
 
 
 class StartupError(RuntimeError):

@@ -238,7 +238,8 @@ OPTIONS: tuple[Option, ...] = (
         parse_text,
         "",
         "File holding a bearer token the admin HTTP endpoints require; needed for a "
-        "non-loopback --http-address.",
+        "non-loopback --http-address. Unset: /debug/pprof/* still needs a token, generated "
+        "once into cache_dir/admin-token (mode 0600).",
         metavar="FILE",
     ),
     Option(

@@ -18,13 +18,14 @@ from pathlib import Path
 from types import FrameType
 
 from agent import metrics, sdnotify
-from agent.admin import AdminServer, is_loopback, split_address
+from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback, split_address
+from agent.admin_token import AdminToken, admin_token
 from agent.capture import Tap, TapSet, merge_windows, wait_for
 from agent.config import Config, ConfigError
 from agent.model import SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
-from agent.pull import PullEndpoint
+from agent.pull import PullEndpoint, without_kernel_addresses
 from agent.reload import LiveParts, Reloader
 from agent.session import profile_samples, window_profiles
 from agent.sinks import Sink, remote
@@ -44,19 +45,6 @@ def check_http_exposure(config: Config) -> None:
             f"http_address: {config.http_address} is not a loopback address; "
             "set http_token_file to require a bearer token, or bind 127.0.0.1"
         )
-
-
-def read_token(config: Config) -> str | None:
-    path = config.http_token_file
-    if not path:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"http_token_file: cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"http_token_file: {path} is empty")
-    return token
 
 
 def build_sinks(config: Config) -> list[Sink]:
@@ -150,6 +138,7 @@ def tap_profile(pipeline: Pipeline, tap: Tap) -> bytes:
     window = merge_windows(tap.windows) or Window(tap.start_ns, time.time_ns(), ())
     duration = max(window.end_ns - tap.start_ns, 1)
     samples = [s for group in profile_samples(window, pipeline.stages).values() for s in group]
+    samples = without_kernel_addresses(samples)  # served over HTTP: no KASLR leak
     return build_pprof(samples, tap.start_ns, duration, pipeline.period_ns)
 
 
@@ -225,11 +214,24 @@ class WindowLoop:
                 return merged
 
 
+def admin_server(config: Config, token: AdminToken) -> AdminServer:
+    """A configured token guards every route but the probes (as before); a generated one
+    guards only /debug/pprof/*, so /metrics stays open on loopback without a secret."""
+    open_paths = UNAUTHENTICATED_PATHS | {"/metrics"} if token.generated else UNAUTHENTICATED_PATHS
+    admin = AdminServer(config.http_address, token=token.value, open_paths=open_paths)
+    log.info(
+        "admin HTTP: /debug/pprof/* requires the bearer token in %s (%s)",
+        token.path,
+        "generated" if token.generated else "http_token_file",
+    )
+    return admin
+
+
 def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     check_http_exposure(config)
-    token = read_token(config)
+    token = admin_token(config)
     sinks = build_sinks(config)
-    admin = AdminServer(config.http_address, token=token)
+    admin = admin_server(config, token)
     signals = Signals()
     signals.install()
     taps = TapSet()

@@ -9,6 +9,7 @@ metadata on the Kubernetes watch thread. A window ships with what is known.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,16 +73,39 @@ class Pipeline:
                 self.indexer.watch(process)
 
     def prepare_now(self, pids: Iterable[int], budget_seconds: float) -> None:
-        """Index the binaries of `pids` synchronously (one-shot record), within a budget."""
+        """Index the binaries of `pids` synchronously (one-shot record), within a budget.
+
+        Waits, within the same budget, for the debuginfod downloads this starts: record
+        has no later window in which a download could still be used.
+        """
         deadline = time.monotonic() + budget_seconds
-        for pid in sorted(set(pids)):
-            process = self.processes.get(pid)
-            if process is None:
-                continue
-            if time.monotonic() > deadline:
-                log.warning("symbol indexing budget spent; some frames may stay unnamed")
+        arrived = threading.Event()
+        self.symbolizer.set_waker(arrived.set)
+        try:
+            for pid in sorted(set(pids)):
+                process = self.processes.get(pid)
+                if process is None:
+                    continue
+                if time.monotonic() > deadline:
+                    log.warning("symbol indexing budget spent; some frames may stay unnamed")
+                    return
+                self.symbolizer.prepare(process)
+            self._index_downloads(arrived, deadline)
+        finally:
+            self.symbolizer.set_waker(None)
+
+    def _index_downloads(self, arrived: threading.Event, deadline: float) -> None:
+        """Index each download as it arrives, until none is awaited or the deadline."""
+        while True:
+            arrived.clear()
+            self.symbolizer.prepare_pending()
+            if not self.symbolizer.awaiting_downloads():
                 return
-            self.symbolizer.prepare(process)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("debuginfod downloads still running; some frames may stay unnamed")
+                return
+            arrived.wait(min(remaining, 1.0))
 
     def end_window(self) -> None:
         self.processes.end_window()

@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from agent import metrics
 from agent.admin import AdminServer, Response
+from agent.model import Location, ProfileSample
+from agent.process.reader import process_exists
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,28 @@ def parse_pid(values: list[str] | None) -> int | None:
     return pid
 
 
+def without_kernel_addresses(samples: Iterable[ProfileSample]) -> list[ProfileSample]:
+    """The samples with every kernel location's address set to 0.
+
+    A raw kernel text address gives away the KASLR base that /proc/kallsyms hides from
+    unprivileged users; a named frame keeps its function name, which is all pprof shows.
+    Each Location object maps to one replacement, so the builder still shares them."""
+    scrubbed: dict[int, Location] = {}
+
+    def scrub(location: Location) -> Location:
+        if not location.kernel or location.address == 0:
+            return location
+        found = scrubbed.get(id(location))
+        if found is None:
+            found = scrubbed[id(location)] = replace(location, address=0)
+        return found
+
+    return [
+        replace(sample, locations=tuple(scrub(loc) for loc in sample.locations))
+        for sample in samples
+    ]
+
+
 def text(status: int, message: str) -> Response:
     return status, "text/plain; charset=utf-8", (message + "\n").encode()
 
@@ -90,6 +115,8 @@ class PullEndpoint:
             pid = parse_pid(query.get("pid"))
         except BadRequest as exc:
             return self._answer("bad_request", text(400, str(exc)))
+        if pid is not None and not process_exists(pid):  # else: an empty profile and a 200
+            return self._answer("not_found", text(404, f"process {pid} does not exist"))
         # Non-blocking: a second capture would only wait and then sample the same window.
         if not self._busy.acquire(blocking=False):
             return self._answer("busy", text(429, "a profile is already being captured"))

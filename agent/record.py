@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from agent.config import Config
+from agent.config import Config, ConfigError
 from agent.flamegraph import render_flamegraph
-from agent.model import ProfileSample, Window
+from agent.model import ProfileSample, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.session import merged_profile, window_profiles
+from agent.sinks.local_store import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,16 @@ def sample_for(
         wait_sampling(duration, stop, tick)
         return pipeline.sampler.drain()
     finally:
-        pipeline.close()
+        # Only the sampler stops here: symbolizing still needs the rest (debuginfod).
+        pipeline.sampler.close()
         if show is not None:
             show.write("\n")
+
+
+def symbolized_profile(pipeline: Pipeline, window: Window) -> SeriesProfile | None:
+    """The window as one profile, its binaries indexed first (debuginfod included)."""
+    pipeline.prepare_now((s.pid for s in window.samples), budget_seconds=INDEX_BUDGET_SECONDS)
+    return merged_profile(window_profiles(window, pipeline.stages, pipeline.period_ns))
 
 
 def record(
@@ -67,11 +75,14 @@ def record(
     tty: TextIO | None = None,
     flamegraph: Path | None = None,
 ) -> int:
+    check_outputs({"--output": output, "--flamegraph": flamegraph})
     pipeline = build_pipeline(config, pid=pid, background_indexing=False)
     show = tty if tty is not None else (sys.stderr if sys.stderr.isatty() else None)
-    window = sample_for(pipeline, duration, stop or threading.Event(), show)
-    pipeline.prepare_now((s.pid for s in window.samples), budget_seconds=INDEX_BUDGET_SECONDS)
-    profile = merged_profile(window_profiles(window, pipeline.stages, pipeline.period_ns))
+    try:
+        window = sample_for(pipeline, duration, stop or threading.Event(), show)
+        profile = symbolized_profile(pipeline, window)
+    finally:
+        pipeline.close()
     samples: list[ProfileSample] = list(profile.samples) if profile else []
     duration_ns = max(window.end_ns - window.start_ns, 1)
     data = (
@@ -88,7 +99,23 @@ def record(
     return 0
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def output_problem(path: Path) -> str | None:
+    """Why a profile could not be written to `path`, with what to do; None if it can."""
+    try:
+        if path.is_dir():
+            return f"{path} is a directory; give a file name, e.g. {path / 'profile.pb.gz'}"
+        if not path.parent.is_dir():
+            return f"directory {path.parent} does not exist; create it or write elsewhere"
+    except PermissionError:  # a directory on the way that we may not enter
+        return f"cannot reach {path} (permission denied); choose a writable directory"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot write in {path.parent} (permission denied); choose a writable directory"
+    return None
+
+
+def check_outputs(outputs: dict[str, Path | None]) -> None:
+    """Refuse unwritable outputs before sampling, not after the whole duration."""
+    for flag, path in outputs.items():
+        problem = None if path is None else output_problem(path)
+        if problem is not None:
+            raise ConfigError(f"flag {flag}: {problem}")

@@ -29,6 +29,11 @@ def read_start(pid: int, proc: Path = PROC) -> tuple[str, int]:
     return parse_stat(read_text(proc / str(pid) / "stat"))
 
 
+def process_exists(pid: int, proc: Path = PROC) -> bool:
+    """Whether `pid` names a live process (for refusing a --pid that cannot be profiled)."""
+    return pid > 0 and (proc / str(pid)).is_dir()
+
+
 def error_reason(exc: BaseException) -> str:
     """A bounded label for why reading /proc failed."""
     if isinstance(exc, (FileNotFoundError, ProcessLookupError)):

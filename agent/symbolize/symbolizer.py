@@ -366,6 +366,11 @@ class Symbolizer:
     def binary_count(self) -> int:
         return len(self._binaries)
 
+    def awaiting_downloads(self) -> bool:
+        """Whether a binary waits for a debuginfod download (requeued when it ends)."""
+        with self._lock:
+            return any(b.state is DwarfState.WAITING for b in self._binaries.values())
+
     # --- internals -----------------------------------------------------------------
 
     def _index(self, binary: BinaryIndex) -> int:

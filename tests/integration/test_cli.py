@@ -17,16 +17,28 @@ from agent.pprof.builder import parse_pprof
 from tests.conftest import REPO, require_tool
 
 STROBE = [sys.executable, "-m", "agent"]
+UNPRIVILEGED = ["--reuid=65534", "--regid=65534", "--clear-groups"]  # nobody, no capabilities
 
 
 def strobe(
-    *args: str, timeout: float = 120, cache: Path | None = None
+    *args: str,
+    timeout: float = 120,
+    cache: Path | None = None,
+    env: dict[str, str] | None = None,
+    user: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+    """Run the real CLI; `user=True` runs it as nobody (no capabilities), via setpriv."""
+    environ = {**os.environ, **(env or {})}
     if cache is not None:
-        env["STROBE_CACHE_DIR"] = str(cache)
+        environ["STROBE_CACHE_DIR"] = str(cache)
+    prefix = [require_tool("setpriv"), *UNPRIVILEGED] if user else []
     return subprocess.run(
-        [*STROBE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+        [*prefix, *STROBE, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
     )
 
 

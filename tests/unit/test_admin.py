@@ -77,3 +77,19 @@ def test_a_failing_route_answers_500_and_the_server_lives(server: AdminServer) -
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_pprof_routes_need_a_token_even_on_loopback_and_without_one(server: AdminServer) -> None:
+    server.routes["/debug/pprof/profile"] = lambda _query: (200, "text/plain", b"stacks\n")
+    assert get(server, "/debug/pprof/profile")[0] == 401  # no token set: refused, not open
+    assert get(server, "/metrics")[0] == 200  # the rest stays open on loopback
+    admin = AdminServer("127.0.0.1:0", token="s3cret", open_paths=frozenset({"/metrics"}))
+    admin.routes["/debug/pprof/profile"] = server.routes["/debug/pprof/profile"]
+    admin.start()
+    try:
+        assert get(admin, "/metrics")[0] == 200
+        assert get(admin, "/debug/pprof/profile")[0] == 401
+        assert get(admin, "/debug/pprof/profile", token="s3cre")[0] == 401
+        assert get(admin, "/debug/pprof/profile", token="s3cret") == (200, b"stacks\n")
+    finally:
+        admin.close()

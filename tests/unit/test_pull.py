@@ -15,11 +15,12 @@ from agent import metrics
 from agent.admin import AdminServer
 from agent.model import Frame, Location, Mapping, ProfileSample
 from agent.pprof.builder import build_pprof, parse_pprof
-from agent.pull import PATH, PullEndpoint
+from agent.pull import PATH, PullEndpoint, without_kernel_addresses
 from tests.conftest import require_tool
 
 EXE = Mapping(start=0x400000, end=0x500000, offset=0, path="/usr/bin/app")
 PERIOD_NS = 10_000_000  # 100 Hz
+TOKEN = "pull-test-token"
 
 
 def fake_profile(seconds: float, pid: int | None) -> bytes:
@@ -59,16 +60,18 @@ class FakeCapture:
 
 @pytest.fixture
 def server() -> Iterator[AdminServer]:
-    admin = AdminServer("127.0.0.1:0")
+    admin = AdminServer("127.0.0.1:0", token=TOKEN)
     admin.start()
     yield admin
     admin.close()
 
 
-def get(admin: AdminServer, query: str) -> tuple[int, str, bytes]:
-    url = f"http://127.0.0.1:{admin.port}{PATH}{query}"
+def get(admin: AdminServer, query: str, token: str | None = TOKEN) -> tuple[int, str, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{admin.port}{PATH}{query}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.headers["Content-Type"], response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers["Content-Type"], exc.read()
@@ -83,14 +86,15 @@ def test_a_profile_is_served_as_gzipped_pprof(server: AdminServer) -> None:
     capture = FakeCapture()
     PullEndpoint(capture, max_seconds=60).register(server)
     before = pull_count("ok")
-    status, ctype, body = get(server, "?seconds=2&pid=1234")
+    pid = os.getpid()  # a live process: a pid that names none gets 404
+    status, ctype, body = get(server, f"?seconds=2&pid={pid}")
     assert status == 200
     assert ctype == "application/octet-stream"
-    assert capture.calls == [(2.0, 1234)]
+    assert capture.calls == [(2.0, pid)]
     assert body[:2] == b"\x1f\x8b"
     profile = parse_pprof(body)
     names = {profile.string_table[f.name] for f in profile.function}
-    assert names == {"work_for_2s_pid_1234", "main"}
+    assert names == {f"work_for_2s_pid_{pid}", "main"}
     assert pull_count("ok") == before + 1
 
 
@@ -172,14 +176,31 @@ def test_max_seconds_must_be_positive() -> None:
         PullEndpoint(fake_profile, max_seconds=0)
 
 
-def test_upstream_pprof_fetches_and_reads_the_profile(server: AdminServer, tmp_path: Path) -> None:
+def test_upstream_pprof_reads_a_pulled_profile_and_cannot_fetch_without_token(
+    server: AdminServer, tmp_path: Path
+) -> None:
+    # Upstream pprof sends no Authorization header: it is refused, and the documented way is
+    # `curl -H "Authorization: Bearer ..." URL -o FILE` then `pprof FILE`.
     pprof = require_tool("pprof")
     capture = FakeCapture()
     PullEndpoint(capture, max_seconds=60).register(server)
     env = {**os.environ, "HOME": str(tmp_path), "PPROF_TMPDIR": str(tmp_path)}
     url = f"http://127.0.0.1:{server.port}{PATH}?seconds=1"
-    result = subprocess.run(
+    refused = subprocess.run(
         [pprof, "-symbolize=none", "-top", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert capture.calls == []
+    status, _, body = get(server, "?seconds=1")
+    assert status == 200
+    saved = tmp_path / "profile.pb.gz"
+    saved.write_bytes(body)
+    result = subprocess.run(
+        [pprof, "-symbolize=none", "-top", str(saved)],
         env=env,
         capture_output=True,
         text=True,
@@ -189,12 +210,39 @@ def test_upstream_pprof_fetches_and_reads_the_profile(server: AdminServer, tmp_p
     assert capture.calls == [(1.0, None)]
     assert "work_for_1s_pid_all" in result.stdout
     assert "main" in result.stdout
-    assert list(tmp_path.glob("pprof.*.pb.gz"))  # pprof saved what it fetched
 
 
 def test_a_profile_is_served_as_an_attachment_like_go(server: AdminServer) -> None:
     PullEndpoint(FakeCapture(), max_seconds=60).register(server)
-    url = f"http://127.0.0.1:{server.port}{PATH}?seconds=1"
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{PATH}?seconds=1")
+    request.add_header("Authorization", f"Bearer {TOKEN}")
+    with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers["Content-Disposition"] == 'attachment; filename="profile"'
         assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_pulled_profile_has_no_raw_kernel_address(server: AdminServer) -> None:
+    named = Location(0xFFFFFFFF81A0_1234, None, frames=(Frame("do_syscall_64"),), kernel=True)
+    unnamed = Location(0xFFFFFFFFC0DE_0042, None, kernel=True)
+    user = Location(0x401100, EXE, frames=(Frame("main", "app.c", 30),))
+    samples = [ProfileSample((unnamed, named, user), 3, (("pid", "1"),), 1)]
+
+    def capture(seconds: float, pid: int | None) -> bytes:
+        scrubbed = without_kernel_addresses(samples)
+        return build_pprof(scrubbed, time.time_ns(), int(seconds * 1e9), PERIOD_NS)
+
+    PullEndpoint(capture, max_seconds=60).register(server)
+    status, _, body = get(server, "?seconds=1")
+    assert status == 200
+    profile = parse_pprof(body)
+    by_name = {
+        profile.string_table[f.name]: f.id for f in profile.function if f.name
+    }  # function id by name
+    addresses = {
+        (loc.line[0].function_id if loc.line else None): loc.address for loc in profile.location
+    }
+    assert addresses[None] == 0  # unnamed kernel frame: no address at all
+    assert addresses[by_name["do_syscall_64"]] == 0  # named: its name, not its address
+    assert addresses[by_name["main"]] == 0x401100  # user addresses are kept
+    assert len(profile.location) == 3
+    assert samples[0].locations[0].address == 0xFFFFFFFFC0DE0042  # the input is not modified

@@ -1,0 +1,27 @@
+"""The pull endpoint refuses a pid that names no process, instead of an empty 200."""
+
+from __future__ import annotations
+
+import subprocess
+
+from agent import metrics
+from agent.pull import PullEndpoint
+
+
+def test_missing_pid_is_a_404_with_one_line() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid names no process now
+    calls: list[tuple[float, int | None]] = []
+
+    def capture(seconds: float, pid: int | None) -> bytes:
+        calls.append((seconds, pid))
+        return b""
+
+    before = metrics.PULL_REQUESTS.labels(result="not_found")._value.get()
+    status, content_type, body, *_ = PullEndpoint(capture)(
+        {"seconds": ["1"], "pid": [str(child.pid)]}
+    )
+    assert status == 404 and content_type.startswith("text/plain")
+    assert body == f"process {child.pid} does not exist\n".encode()
+    assert calls == []  # nothing sampled for it
+    assert metrics.PULL_REQUESTS.labels(result="not_found")._value.get() == before + 1
