@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.svg",
         help="Also write a self-contained flame graph SVG of the profile.",
     )
+    record.add_argument(
+        "--symbolize-wait",
+        default="5s",
+        metavar="DURATION",
+        help="How long after sampling to wait for DWARF indexes and debuginfod downloads "
+        "(default 5s; 0: no wait); frames not ready by then keep their ELF name, or their "
+        "address and mapping.",
+    )
     add_arguments(record, RECORD)
     top = commands.add_parser(
         TOP,
@@ -140,11 +148,19 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
 
     duration = parse_duration_arg("--duration", args.duration)
     return record(
-        config, duration, args.output, args.pid, stop=stop_on_signals(), flamegraph=args.flamegraph
+        config,
+        duration,
+        args.output,
+        args.pid,
+        stop=stop_on_signals(),
+        flamegraph=args.flamegraph,
+        symbolize_wait=parse_duration_arg("--symbolize-wait", args.symbolize_wait, allow_zero=True),
     )
 
 
-def parse_duration_arg(flag: str, value: str) -> float:
+def parse_duration_arg(flag: str, value: str, allow_zero: bool = False) -> float:
+    if allow_zero and value.strip() in ("0", "0s"):
+        return 0.0
     try:
         return parse_duration(value)
     except ValueError as exc:

@@ -21,7 +21,8 @@ from agent.sinks.local_store import write_atomically
 
 log = logging.getLogger(__name__)
 
-INDEX_BUDGET_SECONDS = 60.0  # one-shot: worth waiting for DWARF indexes, within reason
+DEFAULT_SYMBOLIZE_WAIT = 5.0  # seconds after sampling for DWARF indexes and downloads
+PROGRESS_SECONDS = 0.5
 
 
 def countdown_line(remaining: float) -> str:
@@ -60,10 +61,44 @@ def sample_for(
             show.write("\n")
 
 
-def symbolized_profile(pipeline: Pipeline, window: Window) -> SeriesProfile | None:
-    """The window as one profile, its binaries indexed first (debuginfod included)."""
-    pipeline.prepare_now((s.pid for s in window.samples), budget_seconds=INDEX_BUDGET_SECONDS)
+def symbolized_profile(
+    pipeline: Pipeline, window: Window, wait: float, show: TextIO | None
+) -> SeriesProfile | None:
+    """The window as one profile, after at most `wait` seconds of indexing its binaries
+    (DWARF, debuginfod). What is not ready then keeps its ELF name, or its address and
+    mapping: the file is written on time, and a backend can symbolize the rest."""
+    pids = sorted({s.pid for s in window.samples})
+    indexing = threading.Thread(
+        target=index_quietly, args=(pipeline, pids, wait), name="record-index", daemon=True
+    )
+    indexing.start()  # a daemon: an index still building when time is up is left behind
+    deadline = time.monotonic() + wait
+    while indexing.is_alive() and (remaining := deadline - time.monotonic()) > 0:
+        if show is not None:
+            show.write(progress_line(pipeline))
+            show.flush()
+        indexing.join(min(remaining, PROGRESS_SECONDS))
+    if show is not None:
+        show.write(progress_line(pipeline) + "\n")
+    if indexing.is_alive():
+        log.warning("symbolize wait (%.3g s) spent: some frames keep ELF names or addresses", wait)
     return merged_profile(window_profiles(window, pipeline.stages, pipeline.period_ns))
+
+
+def index_quietly(pipeline: Pipeline, pids: list[int], wait: float) -> None:
+    """prepare_now on its own thread; once the profile is written and the pipeline closed
+    under it, what it then meets is not worth a traceback on the user's terminal."""
+    try:
+        pipeline.prepare_now(pids, budget_seconds=wait)
+    except Exception:
+        log.debug("indexing after the symbolize wait ended", exc_info=True)
+
+
+def progress_line(pipeline: Pipeline) -> str:
+    symbolizer = pipeline.symbolizer
+    total = symbolizer.binary_count()
+    done = total - symbolizer.pending() - int(symbolizer.awaiting_downloads())
+    return f"\rstrobe: symbolizing, {max(0, done)} of {total} binaries ready "
 
 
 def record(
@@ -74,13 +109,14 @@ def record(
     stop: threading.Event | None = None,
     tty: TextIO | None = None,
     flamegraph: Path | None = None,
+    symbolize_wait: float = DEFAULT_SYMBOLIZE_WAIT,
 ) -> int:
     check_outputs({"--output": output, "--flamegraph": flamegraph})
     pipeline = build_pipeline(config, pid=pid, background_indexing=False)
     show = tty if tty is not None else (sys.stderr if sys.stderr.isatty() else None)
     try:
         window = sample_for(pipeline, duration, stop or threading.Event(), show)
-        profile = symbolized_profile(pipeline, window)
+        profile = symbolized_profile(pipeline, window, symbolize_wait, show)
     finally:
         pipeline.close()
     samples: list[ProfileSample] = list(profile.samples) if profile else []

@@ -272,3 +272,52 @@ def test_sighup_reloads_relabel_configs_and_survives_a_bad_config(
             agent.wait()
     assert agent.returncode == 0, stderr
     assert "keeping the current configuration" in stderr
+
+
+def frame_files(profile_path: Path, function: str) -> set[str]:
+    """The source files pprof's Functions named `function` carry ("" when none)."""
+    profile = parse_pprof(profile_path.read_bytes())
+    strings = profile.string_table
+    return {strings[f.filename] for f in profile.function if strings[f.name] == function}
+
+
+def test_record_symbolizes_for_at_most_symbolize_wait(
+    require_bpf: None, c_binaries: Path, tmp_path: Path
+) -> None:
+    """With no wait the file is written right after sampling, its frames named from ELF
+    symbols (DWARF not indexed yet); with the default wait a small binary's DWARF is
+    ready and its frames carry files."""
+    workload = subprocess.Popen([str(c_binaries / "three_leaves"), "60"])
+    cache = tmp_path / "cache"  # nothing indexed yet
+    try:
+        runs = {}
+        for wait in ("0", "5s"):
+            output = tmp_path / f"wait-{wait}.pb.gz"
+            started = time.monotonic()
+            result = strobe(
+                "record",
+                "--duration",
+                "2",
+                "--pid",
+                str(workload.pid),
+                "--symbolize-wait",
+                wait,
+                "--output",
+                str(output),
+                cache=cache,
+            )
+            runs[wait] = time.monotonic() - started
+            assert result.returncode == 0, result.stderr
+            assert result.stderr.count("Traceback") == 0, result.stderr
+    finally:
+        workload.kill()
+        workload.wait()
+    assert frame_files(tmp_path / "wait-0.pb.gz", "leaf_fifty") == {""}  # ELF name only
+    assert any(
+        f.endswith("three_leaves.c") for f in frame_files(tmp_path / "wait-5s.pb.gz", "leaf_fifty")
+    )
+    # 2 s of sampling, a cold BPF compile and Python's start-up: far from the 5 s more
+    # that DWARF may take, which the first run did not wait for.
+    assert runs["0"] < 2 + 12, runs
+    bad = strobe("record", "--duration", "1", "--symbolize-wait", "soon", "-o", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--symbolize-wait" in bad.stderr
