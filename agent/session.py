@@ -35,16 +35,20 @@ class Stages:
     series_labels: SeriesLabels
 
 
-def sample_labels(sample: StackSample, process: ProcessInfo | None) -> Labels:
-    """Per-sample pprof labels: pid and comm. Never series labels (unbounded)."""
+def sample_labels(sample: StackSample, process: ProcessInfo | None, series: Labels) -> Labels:
+    """Per-sample pprof labels: the series labels (so a profile copied out of the store,
+    `strobe record` and a pull keep who ran it: `pprof -tagfocus=pod=...`), then pid and
+    comm, which are per process and never series labels (unbounded)."""
     comm = sample.comm or (process.comm if process else "")
-    return (("comm", comm), ("pid", str(sample.pid)))
+    own = {"comm": comm, "pid": str(sample.pid)}
+    kept = {name: value for name, value in series if value and name not in own}
+    return tuple(sorted((kept | own).items()))
 
 
 def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[ProfileSample]]:
     """Resolve, symbolize and label every stack of the window, grouped by series."""
     by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
-    labels_of: dict[tuple[int, str], Labels] = {}  # a window has ~20 stacks per process
+    labels_of: dict[tuple[int, str, Labels], Labels] = {}  # ~20 stacks per process a window
     with cycle_collection_paused():  # ~100,000 objects, no cycles: see agent/gcpause.py
         for sample in window.samples:
             process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
@@ -54,9 +58,11 @@ def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[Profile
             locations = stages.symbolize(process, sample.user_stack, sample.kernel_stack)
             if not locations:
                 continue
-            labels = labels_of.get((sample.pid, sample.comm))
+            labels = labels_of.get((sample.pid, sample.comm, series))
             if labels is None:
-                labels = labels_of[sample.pid, sample.comm] = sample_labels(sample, process)
+                labels = labels_of[sample.pid, sample.comm, series] = sample_labels(
+                    sample, process, series
+                )
             by_series[series].append(ProfileSample(locations, sample.count, labels, sample.pid))
     return by_series
 

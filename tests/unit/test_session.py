@@ -88,3 +88,27 @@ def test_vanished_process_still_yields_its_frames() -> None:
     )
     profiles = window_profiles(window(), stages, period_ns=1)
     assert sum(s.count for s in profiles[0].samples) == 25
+
+
+def test_series_labels_are_sample_labels_too() -> None:
+    """A .pb.gz copied out of the store, a record or a pull still says who ran it."""
+    labelled = Stages(
+        resolve_process=process,
+        symbolize=symbolize,
+        series_labels=lambda proc, sample: (
+            ("namespace", "prod"),
+            ("pod", f"web-{sample.pid}"),
+            ("container_id", ""),  # empty: not a label
+            ("comm", "from-relabeling"),  # per process: the sample's own wins
+        ),
+    )
+    merged = merged_profile(window_profiles(window(), labelled, period_ns=52_631_578))
+    assert merged is not None
+    decoded = parse(merged.pprof)
+    strings = decoded.string_table
+    by_pod = {}
+    for sample in decoded.sample:
+        labels = {strings[lab.key]: strings[lab.str] or lab.num for lab in sample.label}
+        by_pod[labels["pod"]] = labels
+    assert by_pod["web-2"] == {"namespace": "prod", "pod": "web-2", "comm": "app2", "pid": 2}
+    assert set(by_pod) == {"web-1", "web-2", "web-3"}

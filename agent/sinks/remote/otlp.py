@@ -448,7 +448,13 @@ class Dictionary:
 
 
 def sample_attributes(sample: ProfileSample) -> list[tuple[str, AttrValue]]:
-    pairs = [attribute(SAMPLE_LABELS.get(name, name), value) for name, value in sample.labels]
+    """The per-sample attributes; the series labels a sample also carries for pprof are
+    the resource's attributes here already."""
+    pairs = [
+        attribute(SAMPLE_LABELS[name], value)
+        for name, value in sample.labels
+        if name in SAMPLE_LABELS
+    ]
     if sample.pid and not any(key == "process.pid" for key, _ in pairs):
         pairs.append(("process.pid", sample.pid))
     return sorted(set(pairs), key=lambda pair: (pair[0], str(pair[1])))
