@@ -8,10 +8,11 @@ A binary is identified by its GNU build id (else dev:inode:mtime:size), so the t
 of libc is built once and its rows are written once, whatever the number of processes
 mapping it. A table lives in one contiguous range of the global rows array while at
 least one process maps it. When its last process goes, the table stays loaded but idle
-for `idle_seconds` (default 60): short-lived processes that run the same binaries again
-and again (shells, cron jobs, probes) reuse it instead of parsing .eh_frame each time.
-Idle tables are freed by `sweep()` once that time is up, and at once, oldest first,
-when another table needs their rows.
+for `idle_seconds` (default 10 minutes): short-lived processes that run the same binaries
+again and again (shells, cron jobs, probes) reuse it instead of parsing .eh_frame each
+time, and a binary run again within minutes starts with whole stacks. Keeping it costs
+nothing the host needs: the rows are preallocated, and idle tables are freed at once,
+oldest first, when another table needs their rows (else by `sweep()` when time is up).
 
 Thread-safe (one lock): a worker thread prepares and sweeps while a test or the
 pipeline may prepare directly.
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_FAILURES = 4096
 MAX_REMEMBERED_KEYS = 4096
-DEFAULT_IDLE_SECONDS = 60.0
+DEFAULT_IDLE_SECONDS = 600.0
 BIG_BINARY = 16 << 20  # bytes; libclang-cpp (63 MB) parses in 4 s quiet, 15 s under load
 _BINARY_KEYS: dict[str, str] = {}  # file identity (dev:inode:mtime:size) -> sharing key
 

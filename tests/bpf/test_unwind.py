@@ -249,7 +249,7 @@ def test_tables_are_freed_when_the_process_is_gone(
     assert idle.processes == before.processes
     assert idle.idle_tables > during.idle_tables  # kept a while, in case it runs again
     assert idle.rows_used == during.rows_used
-    # An hour later (the idle time is a minute) the sweep frees the rows.
+    # An hour later (the idle time is ten minutes) the sweep frees the rows.
     real_clock = tables._clock
     tables._clock = lambda: real_clock() + 3600
     try:
