@@ -192,6 +192,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "python_frames",
+        parse_bool,
+        True,
+        "Python functions, files and lines in the stacks of CPython 3.8-3.13 processes, "
+        "read in BPF and merged with the native frames (needs --unwinder dwarf or auto); "
+        "false: native frames only.",
+        BOTH,
+        metavar="BOOL",
+    ),
+    Option(
         "window",
         parse_duration,
         10.0,

@@ -42,6 +42,21 @@ WINDOW_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+# python
+PYTHON_PROCESSES = _gauge(
+    "strobe_python_processes", "Processes whose Python frames the BPF walker reads."
+)
+PYTHON_INTERPRETERS_SKIPPED = _counter(
+    "strobe_python_interpreters_skipped",
+    "CPython processes left with native frames only, by reason (unsupported_version, "
+    "offsets_mismatch).",
+    ("reason",),
+)
+PYTHON_CODE_OBJECTS = _counter(
+    "strobe_python_code_objects_read",
+    "Code objects read from Python processes, by result (ok, unreadable).",
+    ("result",),
+)
 # process
 PROCESSES_SEEN = _counter("strobe_processes_seen", "Processes captured (pid + start time).")
 PROCESS_CACHE_SIZE = _gauge("strobe_process_cache_entries", "Processes in the process cache.")

@@ -20,6 +20,7 @@ class StackSample:
     user_stack: tuple[int, ...]  # instruction pointers, innermost first
     kernel_stack: tuple[int, ...]  # innermost first
     count: int
+    python_stack: tuple[int, ...] = ()  # the Python walker's words (agent/python/frames.py)
 
 
 @dataclass(frozen=True, slots=True)

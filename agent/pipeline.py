@@ -22,6 +22,7 @@ from agent.labels.kubernetes import KubernetesPodWatcher
 from agent.labels.labeler import Labeler
 from agent.model import ProcessInfo, StackSample
 from agent.process.cache import ProcessCache
+from agent.python.unwinder import PythonUnwinder
 from agent.sampler.sampler import Sampler
 from agent.session import Labels, SeriesLabels, Stages
 from agent.symbolize.background import BackgroundIndexer
@@ -54,6 +55,7 @@ class Pipeline:
     labeler: Labeler
     indexer: BackgroundIndexer | None = None
     pod_watcher: KubernetesPodWatcher | None = None
+    python: PythonUnwinder | None = None
 
     def start(self) -> None:
         if self.indexer is not None:
@@ -111,6 +113,8 @@ class Pipeline:
         self.processes.end_window()
         self.labeler.end_window()
         self.symbolizer.end_window()
+        if self.python is not None:
+            self.python.end_window()
         self.guard.start_window()
         if self.indexer is not None:
             self.indexer.wake()
@@ -143,10 +147,12 @@ def build_pipeline(
     pod_watcher = start_pod_watcher(config)
     labeler = Labeler(config.resolved_node_name, config.relabel_configs, kubernetes=pod_watcher)
     guard = CardinalityGuard(config.max_series_per_window)
+    python = PythonUnwinder() if config.python_frames else None
     stages = Stages(
         resolve_process=processes.get_covering,
         symbolize=symbolizer.symbolize,
         series_labels=labeled_series(labeler, guard),
+        merge_python=python.merge if python is not None else None,
     )
     return Pipeline(
         sampler=Sampler(
@@ -156,6 +162,7 @@ def build_pipeline(
             unwind_table_rows=config.unwind_table_rows,
             cache_dir=config.cache_dir,
             read_process=processes.fresh,
+            python=python,
         ),
         processes=processes,
         symbolizer=symbolizer,
@@ -165,4 +172,5 @@ def build_pipeline(
         labeler=labeler,
         indexer=BackgroundIndexer(symbolizer) if background_indexing else None,
         pod_watcher=pod_watcher,
+        python=python,
     )

@@ -1,6 +1,7 @@
 """One profiling window, from kernel samples to per-series profiles.
 
-sample (Window) -> resolve process -> symbolize -> label -> build pprof -> SeriesProfile.
+sample (Window) -> resolve process -> symbolize (-> Python frames merged in) -> label
+-> build pprof -> SeriesProfile.
 The stages are passed in as small callables so this module is pure glue, testable
 without root; agent/daemon.py and agent/record.py compose the real ones.
 """
@@ -26,6 +27,8 @@ ResolveProcess = Callable[[int, tuple[int, ...]], ProcessInfo | None]
 Symbolize = Callable[[ProcessInfo | None, tuple[int, ...], tuple[int, ...]], tuple[Location, ...]]
 # Series labels for a process; None drops its samples (relabel "drop"/"keep").
 SeriesLabels = Callable[[ProcessInfo | None, StackSample], Labels | None]
+# pid, its symbolized stack and the Python walker's words -> the stack with Python frames
+MergePython = Callable[[int, tuple[Location, ...], tuple[int, ...]], tuple[Location, ...]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Stages:
     resolve_process: ResolveProcess
     symbolize: Symbolize
     series_labels: SeriesLabels
+    merge_python: MergePython | None = None
 
 
 def sample_labels(sample: StackSample, process: ProcessInfo | None, series: Labels) -> Labels:
@@ -56,6 +60,8 @@ def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[Profile
             if series is None:
                 continue
             locations = stages.symbolize(process, sample.user_stack, sample.kernel_stack)
+            if sample.python_stack and stages.merge_python is not None:
+                locations = stages.merge_python(sample.pid, locations, sample.python_stack)
             if not locations:
                 continue
             labels = labels_of.get((sample.pid, sample.comm, series))

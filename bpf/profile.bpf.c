@@ -44,7 +44,9 @@ enum lost_reason {
 // EVENT_UNKNOWN_MAPPING: the table walker met an address of the process that no
 // table covers (code mapped since its tables were made, e.g. dlopen): user space
 // re-reads its mappings. At most once per REFRESH_NS per process.
-enum pid_event_kind { EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING };
+// EVENT_PYTHON_CODE: the Python walker met a code object (address) new to this
+// process: user space reads its name, file and line table while the process lives.
+enum pid_event_kind { EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING, EVENT_PYTHON_CODE };
 
 struct sample_key {
     u32 slot;
@@ -63,6 +65,7 @@ struct sample_value {
 struct pid_event {
     u32 pid;
     u32 kind;
+    u64 address;          // EVENT_PYTHON_CODE: the code object; else 0
 };
 
 BPF_HASH(counts, struct sample_key, struct sample_value, COUNTS_ENTRIES);
@@ -84,10 +87,14 @@ static __always_inline u32 control_value(u32 index) {
     return value ? *value : 0;
 }
 
-static __always_inline void emit_pid_event(u32 pid, u32 kind) {
-    struct pid_event event = {.pid = pid, .kind = kind};
+static __always_inline void emit_event(u32 pid, u32 kind, u64 address) {
+    struct pid_event event = {.pid = pid, .kind = kind, .address = address};
     if (pid_events.ringbuf_output(&event, sizeof(event), 0) != 0)
         count_lost(LOST_PID_EVENT);
+}
+
+static __always_inline void emit_pid_event(u32 pid, u32 kind) {
+    emit_event(pid, kind, 0);
 }
 
 static __always_inline void note_stack_error(s64 id, u32 collision, u32 error) {
@@ -203,7 +210,8 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 // user stack map, so equal stacks aggregate in the counts map as before.
 #define MAX_USER_FRAMES 127
 #define FRAMES_PER_CALL 6
-#define MAX_UNWIND_CALLS 30     // the kernel allows 33 tail calls in a chain
+#define MAX_UNWIND_CALLS 22     // 132 frames; the kernel allows 33 tail calls in a chain,
+                                // the rest are the Python walker's
 #define SEARCH_STEPS 24         // binary search over up to 2^24 rows of one binary
 #define HASH_SEED 0xcbf29ce484222325ULL
 #define HASH_MULTIPLIER 0x9e3779b97f4a7c15ULL
@@ -231,6 +239,11 @@ enum unwind_stat {
     STAT_TAIL_CALL_FAILED,
     STAT_NO_ROUTE,       // walks stopped at code user space has not routed yet (new process or code)
     STAT_NO_TABLE,       // walks stopped at code whose table was refused (no room) and has no frame pointers
+    STAT_PY_FRAMES,      // Python frames read
+    STAT_PY_NO_THREAD,   // samples of a Python process whose thread has no Python frame
+    STAT_PY_UNREADABLE,  // Python walks stopped at a frame that could not be read
+    STAT_PY_TRUNCATED,   // Python walks cut at PY_MAX_FRAMES or the tail-call limit
+    STAT_PY_TAIL_CALL_FAILED,
     UNWIND_STATS,
 };
 
@@ -256,9 +269,19 @@ struct mapping_value {
 #define ROUTE_FRAME_POINTERS 0xfffffffeU  // code without .eh_frame (Go, JIT): frame pointers
 #define ROUTE_STOP 0xffffffffU            // code without a table or frame pointers: stop here
 
+#ifdef PYTHON_FRAMES
+// After the native frames: PY_MARKER, then one word per Python frame (see below).
+#define PY_MAX_FRAMES 64
+#define PY_FRAME_READ 128         // bytes of a frame read at once: every field used is in them
+#define PY_FRAME_BYTES (PY_FRAME_READ + 8)
+#define STACK_WORDS (MAX_USER_FRAMES + 2 + PY_MAX_FRAMES)
+#else
+#define STACK_WORDS MAX_USER_FRAMES
+#endif
+
 struct user_stack {
     u64 len;
-    u64 ips[MAX_USER_FRAMES];
+    u64 ips[STACK_WORDS];
 };
 
 struct unwind_state {
@@ -272,6 +295,13 @@ struct unwind_state {
     u32 pad;
     struct sample_key key;
     struct user_stack stack;
+#ifdef PYTHON_FRAMES
+    u64 py_frame;       // the next interpreter frame to read; 0: none
+    u64 py_pending;     // the last Python frame's word, appended once its entry bit is known
+    u32 py_calls;
+    u32 py_count;       // Python frames seen
+    u8 py_bytes[PY_FRAME_BYTES];
+#endif
 };
 
 enum step_result { STEP_CONTINUE, STEP_DONE, STEP_TRY_FP };
@@ -288,7 +318,7 @@ BPF_F_TABLE("hash", u64, struct user_stack, user_stacks0, USER_STACK_ENTRIES, BP
 BPF_F_TABLE("hash", u64, struct user_stack, user_stacks1, USER_STACK_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unwind_state, struct unwind_state, 1);
 BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
-BPF_PROG_ARRAY(unwind_programs, 1);
+BPF_PROG_ARRAY(unwind_programs, 2);  // 0: unwind_user, 1: unwind_python
 BPF_TABLE("lru_hash", u32, u64, unwind_refresh, 4096);  // pid -> last unknown-mapping event
 
 static __always_inline void count_stat(u32 stat) {
@@ -476,6 +506,70 @@ static __always_inline void store_user_stack(struct unwind_state *st) {
     st->key.user_stack_id = (err == 0 || err == -ERR_EXIST) ? (s64)hash : -ERR_NOSPC;
 }
 
+#ifdef PYTHON_FRAMES
+// ---------------------------------------------------------------------------
+// CPython frames (3.8-3.13).
+//
+// User space finds a process's interpreter (the ELF symbol _PyRuntime) and writes
+// the byte offsets of its version into py_procs. After the native walk, the
+// sampled thread's PyThreadState is found by its kernel tid (native_thread_id, or
+// on 3.8-3.10 the tid in glibc's struct pthread at thread_id) and its frame chain
+// is walked, leaf first. Each frame is one word after PY_MARKER:
+//   bits 0-46 the code object's address, bit 47 PY_ENTRY_BIT (the outermost
+//   frame of one run of the C eval loop, so user space can put each run in place
+//   of its _PyEval_EvalFrameDefault native frame), bits 48-63 the instruction
+//   position (f_lasti; on 3.11+ the instruction pointer's distance from the code
+//   object in code units, which user space turns into an index).
+// The first sight of a (pid, code object) emits EVENT_PYTHON_CODE, so user space
+// reads the code object while the process still lives.
+#define PY_FRAMES_PER_CALL 16
+#define PY_MAX_CALLS 5
+#define PY_MAX_THREADS 32
+#define PY_MARKER 0xffffffffffffffffULL
+#define PY_TRUNCATED 0xfffffffffffffffeULL  // the walk stopped at PY_MAX_FRAMES
+#define PY_ENTRY_BIT (1ULL << 47)
+#define PY_ADDRESS_MASK (PY_ENTRY_BIT - 1)
+#define PY_NONE 0xffff
+
+// Keep in step with agent/python/bpf_config.py.
+struct py_proc {
+    u64 interpreters_head;        // address of _PyRuntime.interpreters.head
+    u16 interp_threads_head;
+    u16 tstate_next;
+    u16 tstate_native_thread_id;  // PY_NONE: match threads by their pthread's tid
+    u16 tstate_thread_id;
+    u16 tstate_frame;
+    u16 cframe_current_frame;     // PY_NONE: tstate_frame points at the frame itself
+    u16 frame_previous;
+    u16 frame_code;
+    u16 frame_instr;
+    u16 frame_owner;              // PY_NONE: frames have no owner field
+    u16 frame_is_entry;           // PY_NONE: no is_entry field (all but 3.11)
+    u16 pthread_tid;              // glibc struct pthread: the kernel tid
+    u8 instr_is_pointer;          // 3.11+: an instruction pointer; else an int f_lasti
+    u8 owned_by_cstack;           // owner value of C-stack shim frames (3.12+); 0xff: none
+    u16 every_frame_entry;        // 3.8-3.10: each frame is a run of the eval loop
+};
+
+struct py_code_key {
+    u32 pid;
+    u32 pad;
+    u64 code;
+};
+
+BPF_HASH(py_procs, u32, struct py_proc, 4096);
+BPF_TABLE("lru_hash", u64, u64, py_threads, 16384);                // pid_tgid -> PyThreadState
+BPF_TABLE("lru_hash", struct py_code_key, u8, py_codes_seen, 65536);
+#endif  // PYTHON_FRAMES
+
+static __always_inline void finish_user_stack(struct unwind_state *st) {
+    if (st->stack.len > 0)
+        store_user_stack(st);
+    else
+        st->key.user_stack_id = -ERR_FAULT;
+    finish_sample(&st->key, st->tid);
+}
+
 int unwind_user(struct bpf_perf_event_data *ctx) {
     u32 zero = 0;
     struct unwind_state *st = unwind_state.lookup(&zero);
@@ -490,11 +584,164 @@ int unwind_user(struct bpf_perf_event_data *ctx) {
         unwind_programs.call(ctx, 0);
     count_stat(STAT_TRUNCATED);
 done:
-    if (st->stack.len > 0)
-        store_user_stack(st);
-    else
-        st->key.user_stack_id = -ERR_FAULT;
-    finish_sample(&st->key, st->tid);
+#ifdef PYTHON_FRAMES
+    if (py_procs.lookup(&st->key.pid)) {
+        st->py_calls = 0;
+        st->py_count = 0;
+        st->py_pending = 0;
+        st->py_frame = 0;
+        unwind_programs.call(ctx, 1);
+        count_stat(STAT_PY_TAIL_CALL_FAILED);
+    }
+#endif
+    finish_user_stack(st);
     return 0;
 }
+
+#ifdef PYTHON_FRAMES
+
+static __always_inline u64 py_field(struct unwind_state *st, u16 offset) {
+    return *(u64 *)(st->py_bytes + (offset & (PY_FRAME_READ - 1)));
+}
+
+static __always_inline int py_is_thread(struct py_proc *proc, u64 tstate, u32 tid) {
+    if (proc->tstate_native_thread_id != PY_NONE) {
+        u64 native = 0;
+        bpf_probe_read_user(&native, sizeof(native), (void *)(tstate + proc->tstate_native_thread_id));
+        return native == tid;
+    }
+    u64 pthread = 0;
+    u32 kernel_tid = 0;
+    if (bpf_probe_read_user(&pthread, sizeof(pthread), (void *)(tstate + proc->tstate_thread_id)) ||
+        !pthread)
+        return 0;
+    bpf_probe_read_user(&kernel_tid, sizeof(kernel_tid), (void *)(pthread + proc->pthread_tid));
+    return kernel_tid == tid;
+}
+
+// The sampled thread's PyThreadState: cached per thread, checked on every use.
+static __always_inline u64 py_thread_state(struct py_proc *proc, u32 pid, u32 tid) {
+    u64 thread = ((u64)pid << 32) | tid;
+    u64 *cached = py_threads.lookup(&thread);
+    if (cached && py_is_thread(proc, *cached, tid))
+        return *cached;
+    u64 interp = 0, tstate = 0;
+    if (bpf_probe_read_user(&interp, sizeof(interp), (void *)proc->interpreters_head) || !interp)
+        return 0;
+    if (bpf_probe_read_user(&tstate, sizeof(tstate), (void *)(interp + proc->interp_threads_head)))
+        return 0;
+    for (int i = 0; i < PY_MAX_THREADS && tstate; i++) {
+        if (py_is_thread(proc, tstate, tid)) {
+            py_threads.update(&thread, &tstate);
+            return tstate;
+        }
+        if (bpf_probe_read_user(&tstate, sizeof(tstate), (void *)(tstate + proc->tstate_next)))
+            return 0;
+    }
+    return 0;
+}
+
+static __always_inline void py_append(struct unwind_state *st, u64 word) {
+    u64 len = st->stack.len;
+    if (len >= STACK_WORDS)
+        return;
+    st->stack.ips[len] = word;
+    st->stack.len = len + 1;
+    st->hash = (st->hash ^ word) * HASH_MULTIPLIER;
+    st->hash ^= st->hash >> 29;
+}
+
+static __always_inline void py_note_code(struct unwind_state *st, u64 code) {
+    struct py_code_key key = {.pid = st->key.pid, .code = code};
+    if (py_codes_seen.lookup(&key))
+        return;
+    u8 one = 1;
+    if (py_codes_seen.insert(&key, &one) == 0)
+        emit_event(st->key.pid, EVENT_PYTHON_CODE, code);
+}
+
+// Read one interpreter frame; queue its word (the previous one is appended now).
+static __always_inline int py_step(struct unwind_state *st, struct py_proc *proc) {
+    u64 frame = st->py_frame;
+    if (frame == 0)
+        return STEP_DONE;
+    if (st->py_count >= PY_MAX_FRAMES) {
+        count_stat(STAT_PY_TRUNCATED);
+        py_append(st, PY_TRUNCATED);
+        return STEP_DONE;
+    }
+    if (bpf_probe_read_user(st->py_bytes, PY_FRAME_READ, (void *)frame) != 0) {
+        count_stat(STAT_PY_UNREADABLE);
+        return STEP_DONE;
+    }
+    st->py_frame = py_field(st, proc->frame_previous);
+    if (proc->frame_owner != PY_NONE &&
+        st->py_bytes[proc->frame_owner & (PY_FRAME_READ - 1)] == proc->owned_by_cstack) {
+        st->py_pending |= PY_ENTRY_BIT;  // a shim: the frame before it began a run of the loop
+        return STEP_CONTINUE;
+    }
+    u64 code = py_field(st, proc->frame_code);
+    u64 position;
+    if (proc->instr_is_pointer) {
+        u64 instr = py_field(st, proc->frame_instr);
+        position = instr > code ? (instr - code) / 2 : 0;
+    } else {
+        s32 lasti = (s32)py_field(st, proc->frame_instr);
+        position = lasti > 0 ? (u64)lasti : 0;
+    }
+    if (position > 0xffff)
+        position = 0xffff;
+    u64 entry = proc->every_frame_entry;
+    if (proc->frame_is_entry != PY_NONE)
+        entry = st->py_bytes[proc->frame_is_entry & (PY_FRAME_READ - 1)];
+    if (st->py_count == 0)
+        py_append(st, PY_MARKER);
+    else
+        py_append(st, st->py_pending);
+    st->py_pending = (code & PY_ADDRESS_MASK) | (entry ? PY_ENTRY_BIT : 0) | (position << 48);
+    st->py_count++;
+    count_stat(STAT_PY_FRAMES);
+    py_note_code(st, code & PY_ADDRESS_MASK);
+    return STEP_CONTINUE;
+}
+
+static __always_inline int py_first_frame(struct unwind_state *st, struct py_proc *proc) {
+    u64 tstate = py_thread_state(proc, st->key.pid, st->tid);
+    if (tstate == 0) {
+        count_stat(STAT_PY_NO_THREAD);  // a thread that runs no Python (or not yet)
+        return 0;
+    }
+    u64 frame = 0;
+    bpf_probe_read_user(&frame, sizeof(frame), (void *)(tstate + proc->tstate_frame));
+    if (frame && proc->cframe_current_frame != PY_NONE)
+        bpf_probe_read_user(&frame, sizeof(frame), (void *)(frame + proc->cframe_current_frame));
+    st->py_frame = frame;
+    return frame != 0;
+}
+
+int unwind_python(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = unwind_state.lookup(&zero);
+    if (!st)
+        return 0;
+    struct py_proc *proc = py_procs.lookup(&st->key.pid);
+    if (!proc)
+        goto done;
+    if (st->py_calls == 0 && !py_first_frame(st, proc))
+        goto done;
+    for (int i = 0; i < PY_FRAMES_PER_CALL; i++) {
+        if (py_step(st, proc) != STEP_CONTINUE)
+            goto done;
+    }
+    st->py_calls++;
+    if (st->py_calls < PY_MAX_CALLS)
+        unwind_programs.call(ctx, 1);
+    count_stat(STAT_PY_TRUNCATED);
+done:
+    if (st->py_count > 0)
+        py_append(st, st->py_pending);
+    finish_user_stack(st);
+    return 0;
+}
+#endif  // PYTHON_FRAMES
 #endif  // DWARF_UNWIND

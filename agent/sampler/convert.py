@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.model import StackSample
+from agent.python.frames import PY_MARKER, split_words
 
 # Index order of the BPF `lost` array (enum lost_reason in bpf/profile.bpf.c).
 LOST_REASONS = (
@@ -35,11 +36,17 @@ UNWIND_STATS = (
     "tail_call_failed",  # walker not loaded: the sample fell back to frame pointers
     "no_route",  # walks stopped at code not routed yet (a new process, or code mapped since)
     "no_table",  # walks stopped at code whose table was refused and that has no frame pointers
+    "python_frames",  # Python frames read
+    "python_no_thread",  # samples of a Python process whose thread runs no Python
+    "python_unreadable",  # Python walks stopped at a frame that could not be read
+    "python_truncated",  # Python walks cut at 64 frames
+    "python_tail_call_failed",  # no tail call left for the Python walker: native frames only
 )
 
 EVENT_FIRST_SAMPLE = 0
 EVENT_EXEC = 1
 EVENT_UNKNOWN_MAPPING = 2  # the table walker met unmapped code: re-read the process's maps
+EVENT_PYTHON_CODE = 3  # the Python walker met a code object new to the process (address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +67,8 @@ class PidEvent:
     """A process the sampler saw for the first time, or that called exec."""
 
     pid: int
-    kind: int  # EVENT_FIRST_SAMPLE, EVENT_EXEC or EVENT_UNKNOWN_MAPPING
+    kind: int  # EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING or EVENT_PYTHON_CODE
+    address: int = 0  # EVENT_PYTHON_CODE: the code object
 
 
 def decode_comm(raw: bytes) -> str:
@@ -86,13 +94,15 @@ def to_stack_samples(
     entries: Iterable[RawCount],
     stacks: Mapping[int, tuple[int, ...]],
     user_stacks: Mapping[int, tuple[int, ...]] | None = None,
+    python_stacks: Mapping[int, tuple[int, ...]] | None = None,
 ) -> tuple[StackSample, ...]:
     """Resolve stack ids and merge entries that end up with the same stack.
 
     Kernel stack ids resolve in `stacks`, user stack ids in `user_stacks` (the same
     map when user stacks come from frame pointers, the default). Negative ids (errors,
     or no stack of that kind) and ids missing from their map resolve to an empty
-    stack. Entries merge when their pid, comm and resolved stack ids are equal: those
+    stack. A user stack id may also have Python frames' words in `python_stacks`.
+    Entries merge when their pid, comm and resolved stack ids are equal: those
     that differ only in an error code, or in an id missing from its map, merge.
     Result order: most samples first, then by pid, so output is deterministic.
     """
@@ -124,7 +134,8 @@ def to_stack_samples(
             comm = comms[raw_comm] = decode_comm(raw_comm)
         user = user_stacks[user_id] if user_id >= 0 else ()
         kernel = stacks[kernel_id] if kernel_id >= 0 else ()
-        samples.append(StackSample(pid, tid, comm, user, kernel, count))
+        python = python_stacks.get(user_id, ()) if python_stacks and user_id >= 0 else ()
+        samples.append(StackSample(pid, tid, comm, user, kernel, count, python))
     return tuple(samples)
 
 
@@ -132,6 +143,16 @@ def _order(item: tuple[tuple[int, bytes, int, int], list[int]]) -> tuple[int, in
     """Most samples first, then pid, comm and stack ids: the same entries, the same order."""
     (pid, comm, user_id, kernel_id), (count, _) = item
     return (-count, pid, comm, user_id, kernel_id)
+
+
+def split_python_stacks(user_stacks: dict[int, tuple[int, ...]]) -> dict[int, tuple[int, ...]]:
+    """Take the Python walker's words off the user stacks that have them (in place):
+    stack id -> words; the stack keeps its native addresses."""
+    python: dict[int, tuple[int, ...]] = {}
+    for stack_id, words in user_stacks.items():
+        if PY_MARKER in words:
+            user_stacks[stack_id], python[stack_id] = split_words(words)
+    return python
 
 
 def lost_deltas(previous: Sequence[int], current: Sequence[int]) -> dict[str, int]:
@@ -162,7 +183,7 @@ def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
     """Distinct pids first sampled, exec'd or running new code, in the order they first
     appear. Reread after an exec, and after unknown code in a process that was not
     also first sampled now (a new process's first walk always meets unrouted code)."""
-    events = list(events)
+    events = [e for e in events if e.kind != EVENT_PYTHON_CODE]
     first = {e.pid for e in events if e.kind == EVENT_FIRST_SAMPLE}
     changed = {
         e.pid

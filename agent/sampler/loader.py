@@ -68,7 +68,7 @@ TRACEPOINTS = {"sched_process_exec": "on_exec", "sched_process_exit": "on_exit"}
 # Layouts of bpf/profile.bpf.c (native byte order; "x" is the compiler's padding).
 SAMPLE_KEY = struct.Struct("=IIqi16s4x")  # slot, pid, user_stack_id, kernel_stack_id, comm
 SAMPLE_VALUE = struct.Struct("=QI4x")  # count, tid
-PID_EVENT = struct.Struct("=II")  # pid, kind
+PID_EVENT = struct.Struct("=IIQ")  # pid, kind, address
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 MAPPING_VALUE = struct.Struct("=QII")  # bias, first_row, row_count
@@ -89,6 +89,7 @@ def load_sampler_program(
     unwind_rows: int = 0,
     headers: HeaderChoice | None = None,
     cache_dir: Path | None = None,
+    python_frames: bool = False,
 ) -> SamplerProgram:
     """Compile and load the sampler in a child process (not attached yet: `attach()`).
 
@@ -97,6 +98,7 @@ def load_sampler_program(
     KernelHeadersError when no headers are usable, BpfCompileError when the compiler
     or the kernel refuses the program. The compiled program is kept under
     cache_dir/bpf (default_cache_dir() when None): a later start loads it with no compile.
+    python_frames (with unwind_rows > 0) adds the CPython frame walker.
     """
     if frequency <= 0:
         raise ValueError(f"sampling frequency must be positive, got {frequency}")
@@ -122,6 +124,10 @@ def load_sampler_program(
         ]
         programs["unwind_user"] = "perf_event"  # tail-called from on_cpu_clock
         tail_calls["unwind_programs"] = {0: "unwind_user"}
+        if python_frames:
+            cflags.append("-DPYTHON_FRAMES")
+            programs["unwind_python"] = "perf_event"
+            tail_calls["unwind_programs"][1] = "unwind_python"
     compiled = compile_or_load(
         bpf_source_path().read_text(),
         cflags,
@@ -159,6 +165,7 @@ class SamplerProgram:
         self.user_stacks_capacity = self._user_stacks[0].max_entries
         # Looked up once: a per-CPU BpfMap reads the CPU count from /sys when made.
         self._unwind_stats = compiled.map("unwind_stats") if unwind_rows else None
+        self._py_procs = compiled.map("py_procs") if "py_procs" in compiled.maps else None
         self._control = _checked(compiled.map("control"), U32.size, U32.size)
         self._lost = _checked(compiled.map("lost"), U32.size, U64.size)
         self._ring: RingBuffer | None = None
@@ -260,6 +267,20 @@ class SamplerProgram:
         for prefix in prefixes:
             table.delete(_mapping_key(pid, prefix))
 
+    @property
+    def python_frames(self) -> bool:
+        return self._py_procs is not None
+
+    def set_python_process(self, pid: int, config: bytes) -> None:
+        """Walk this process's Python frames with `config` (struct py_proc)."""
+        if self._py_procs is not None and not self._closed:
+            self._py_procs.update(U32.pack(pid), config)
+
+    def remove_python_process(self, pid: int) -> None:
+        if self._py_procs is not None and not self._closed:
+            with contextlib.suppress(OSError, KeyError):
+                self._py_procs.delete(U32.pack(pid))
+
     def read_lost(self) -> tuple[int, ...]:
         """Cumulative loss counters (summed over CPUs), in LOST_REASONS order."""
         return _percpu_sums(self._lost, len(LOST_REASONS))
@@ -272,8 +293,8 @@ class SamplerProgram:
         events = []
         for record in records:
             if len(record) >= PID_EVENT.size:
-                pid, kind = PID_EVENT.unpack_from(record)
-                events.append(PidEvent(pid=pid, kind=kind))
+                pid, kind, address = PID_EVENT.unpack_from(record)
+                events.append(PidEvent(pid=pid, kind=kind, address=address))
         return events
 
     def run_stats(self) -> dict[str, tuple[int, int]]:

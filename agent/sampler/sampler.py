@@ -19,6 +19,11 @@ User stacks (`unwinder`):
 With tables, the pids that poll_new_processes sees (first sample, exec, and code the walker
 found no table for) go to a worker thread that reads their mappings and builds and
 loads their binaries' tables; until then their stacks use frame pointers.
+
+Python frames (`python_frames`, with tables): the same workers tell the BPF walker
+which processes run CPython (agent/python/); the walker's code-object events are read
+here as they are polled, and each drained stack keeps its Python words apart
+(StackSample.python_stack) for the merge after symbolization.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from types import TracebackType
 from agent import metrics
 from agent.gcpause import cycle_collection_paused
 from agent.model import ProcessInfo, Window
+from agent.python.unwinder import PythonUnwinder
 from agent.sampler.convert import (
     EVENT_FIRST_SAMPLE,
+    EVENT_PYTHON_CODE,
     LOST_REASONS,
     SAMPLE_LOSS_REASONS,
     UNWIND_STATS,
@@ -42,6 +49,7 @@ from agent.sampler.convert import (
     fill_ratio,
     lost_deltas,
     new_processes,
+    split_python_stacks,
     to_stack_samples,
 )
 from agent.sampler.kernel_headers import find_kernel_headers
@@ -78,9 +86,12 @@ class Sampler:
         stack_entries: int = DEFAULT_STACK_ENTRIES,
         cache_dir: str | Path | None = None,
         read_process: Callable[[int], ProcessInfo | None] | None = None,
+        python: PythonUnwinder | None = None,
     ) -> None:
         """read_process: how the unwind workers read a pid (default: /proc, afresh);
-        the pipeline passes its process cache's, which reuses a capture just made."""
+        the pipeline passes its process cache's, which reuses a capture just made.
+        python: walk CPython frames too and tell it about them (needs the table
+        unwinder; with frame pointers only it stays idle)."""
         if frequency <= 0:
             raise ValueError(f"sampling frequency must be positive, got {frequency}")
         if pid is not None and pid <= 0:
@@ -97,6 +108,7 @@ class Sampler:
         self._stack_entries = stack_entries
         self._cache_dir = Path(cache_dir) if cache_dir else None  # headers tree, programs
         self._read_process = read_process
+        self._python = python
         self._program: SamplerProgram | None = None
         self._unwind_worker: UnwindWorker | None = None
         self._unwind_seen: tuple[int, ...] = ()
@@ -116,7 +128,11 @@ class Sampler:
             self._lost_seen = program.read_lost()
             self._unwind_seen = program.read_unwind_stats()
             if program.table_unwinding:
-                self._unwind_worker = UnwindWorker(UnwindTables(program), read=self._read_process)
+                if self._python is not None and program.python_frames:
+                    self._python.use_maps(program)
+                self._unwind_worker = UnwindWorker(
+                    UnwindTables(program), read=self._read_process, python=self._python
+                )
                 self._unwind_worker.start()
             self._window_start_ns = time.time_ns()
             program.attach()
@@ -138,6 +154,7 @@ class Sampler:
                 unwind_rows=unwind_rows,
                 headers=headers,
                 cache_dir=self._cache_dir,
+                python_frames=self._python is not None and unwind_rows > 0,
             )
 
         if self.unwinder == "fp":
@@ -190,9 +207,13 @@ class Sampler:
         if self._program is None:
             return []
         events = self._program.poll_pid_events(timeout_ms)
-        if self._unwind_worker is not None:  # tables for new code, read from /proc there
-            for event in events:
-                self._unwind_worker.submit_pid(event.pid, urgent=event.kind != EVENT_FIRST_SAMPLE)
+        worker, python = self._unwind_worker, self._python
+        for event in events:
+            if event.kind == EVENT_PYTHON_CODE:
+                if python is not None:
+                    python.note_code(event.pid, event.address)
+            elif worker is not None:  # tables for new code, read from /proc there
+                worker.submit_pid(event.pid, urgent=event.kind != EVENT_FIRST_SAMPLE)
         return new_processes(events)
 
     def drain(self) -> Window:
@@ -209,7 +230,8 @@ class Sampler:
             drained = entries_of_slot(entries, old_slot)
             stacks = program.read_stacks(old_slot)
             user_stacks = program.read_user_stacks(old_slot)
-            samples = to_stack_samples(drained, stacks, user_stacks)
+            python_stacks = split_python_stacks(user_stacks) if self._python else {}
+            samples = to_stack_samples(drained, stacks, user_stacks, python_stacks)
         program.delete_counts(drained)
         program.delete_stacks(old_slot, list(stacks))
         if program.table_unwinding:
@@ -268,6 +290,8 @@ class Sampler:
             program.close()
 
     def _stop_unwind_worker(self) -> None:
+        if self._python is not None:
+            self._python.use_maps(None)  # the maps close with the program
         worker, self._unwind_worker = self._unwind_worker, None
         if worker is not None:
             worker.close()

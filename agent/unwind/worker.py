@@ -6,7 +6,8 @@ it, so an exec or a dlopen since the pid was queued is seen. Two workers share t
 queue: while one parses a big table (libclang-cpp: 900k rows, 4 s quiet, 15 s beside
 busy processes), the other keeps routing new processes of known binaries, which
 takes milliseconds. Between pids, and at least every `sweep_seconds`, exited
-processes are forgotten so their tables' rows are freed.
+processes are forgotten so their tables' rows are freed. With Python frames on, the
+same read of a pid tells the Python walker whether it runs CPython.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.model import ProcessInfo
 from agent.process.reader import PROC, read_process
 from agent.unwind.registry import UnwindTables
+
+if TYPE_CHECKING:
+    from agent.python.unwinder import PythonUnwinder
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +43,10 @@ class UnwindWorker:
         read: Callable[[int], ProcessInfo | None] | None = None,
         proc: Path = PROC,
         threads: int = 2,
+        python: PythonUnwinder | None = None,
     ) -> None:
         self.tables = tables
+        self._python = python
         self._sweep_seconds = sweep_seconds
         self._read = read or (lambda pid: read_process(pid, proc))
         # (priority, order, pid): new code (exec, unknown code) before the backlog of
@@ -112,6 +119,8 @@ class UnwindWorker:
         try:
             process = self._read(pid)
             if process is not None:  # else it exited: nothing left to unwind
+                if self._python is not None:  # first: milliseconds, tables can take seconds
+                    self._python.prepare(process)
                 self.tables.prepare(process)
         except Exception:  # one bad process must not stop the others
             log.exception("unwind tables for pid %d failed", pid)
@@ -119,6 +128,8 @@ class UnwindWorker:
     def _sweep(self) -> None:
         try:
             self.tables.sweep()
+            if self._python is not None:
+                self._python.sweep()
         except Exception:
             log.exception("unwind table sweep failed")
 

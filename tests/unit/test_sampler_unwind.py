@@ -10,6 +10,7 @@ from agent.sampler import sampler as sampler_module
 from agent.sampler.convert import (
     EVENT_EXEC,
     EVENT_FIRST_SAMPLE,
+    EVENT_PYTHON_CODE,
     EVENT_UNKNOWN_MAPPING,
     UNWIND_STATS,
     NewProcess,
@@ -48,15 +49,27 @@ def test_unwind_stats_match_the_bpf_enum() -> None:
         "tail_call_failed",
         "no_route",
         "no_table",
+        "py_frames",
+        "py_no_thread",
+        "py_unreadable",
+        "py_truncated",
+        "py_tail_call_failed",
     ]
+    assert len(UNWIND_STATS) == len(bpf_order)
+    assert [s.replace("python_", "py_") for s in UNWIND_STATS[9:]] == bpf_order[9:]
     assert UNWIND_STATS[1] == "frame_pointer_frames" and UNWIND_STATS[5] == "no_user_registers"
 
 
 def test_pid_event_kinds_match_the_bpf_enum() -> None:
     names = enum_names("pid_event_kind")
-    kinds = [EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING]
-    assert names == ["EVENT_FIRST_SAMPLE", "EVENT_EXEC", "EVENT_UNKNOWN_MAPPING"]
-    assert kinds == [0, 1, 2]
+    kinds = [EVENT_FIRST_SAMPLE, EVENT_EXEC, EVENT_UNKNOWN_MAPPING, EVENT_PYTHON_CODE]
+    assert names == [
+        "EVENT_FIRST_SAMPLE",
+        "EVENT_EXEC",
+        "EVENT_UNKNOWN_MAPPING",
+        "EVENT_PYTHON_CODE",
+    ]
+    assert kinds == [0, 1, 2, 3]
 
 
 def test_unknown_mapping_events_reread_the_process() -> None:

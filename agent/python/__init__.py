@@ -1,0 +1,1 @@
+"""CPython frames: interpreter offsets, code objects, line tables."""
