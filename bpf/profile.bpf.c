@@ -534,6 +534,8 @@ static __always_inline void store_user_stack(struct unwind_state *st) {
 // Keep in step with agent/python/bpf_config.py.
 struct py_proc {
     u64 interpreters_head;        // address of _PyRuntime.interpreters.head
+    u64 pidns_dev;                // the process's pid namespace (nsfs device and inode), when
+    u64 pidns_ino;                // not the host's: Python keeps thread ids as seen in there
     u16 interp_threads_head;
     u16 tstate_next;
     u16 tstate_native_thread_id;  // PY_NONE: match threads by their pthread's tid
@@ -620,8 +622,9 @@ static __always_inline int py_is_thread(struct py_proc *proc, u64 tstate, u32 ti
 }
 
 // The sampled thread's PyThreadState: cached per thread, checked on every use.
-static __always_inline u64 py_thread_state(struct py_proc *proc, u32 pid, u32 tid) {
-    u64 thread = ((u64)pid << 32) | tid;
+static __always_inline u64 py_thread_state(struct py_proc *proc, u32 pid, u32 host_tid,
+                                           u32 tid) {
+    u64 thread = ((u64)pid << 32) | host_tid;
     u64 *cached = py_threads.lookup(&thread);
     if (cached && py_is_thread(proc, *cached, tid))
         return *cached;
@@ -705,8 +708,18 @@ static __always_inline int py_step(struct unwind_state *st, struct py_proc *proc
     return STEP_CONTINUE;
 }
 
+// The sampled thread's id as the process sees it (a container has its own pid namespace).
+static __always_inline u32 py_own_tid(struct unwind_state *st, struct py_proc *proc) {
+    if (proc->pidns_ino == 0)
+        return st->tid;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(proc->pidns_dev, proc->pidns_ino, &ns, sizeof(ns)) != 0)
+        return st->tid;
+    return ns.pid;
+}
+
 static __always_inline int py_first_frame(struct unwind_state *st, struct py_proc *proc) {
-    u64 tstate = py_thread_state(proc, st->key.pid, st->tid);
+    u64 tstate = py_thread_state(proc, st->key.pid, st->tid, py_own_tid(st, proc));
     if (tstate == 0) {
         count_stat(STAT_PY_NO_THREAD);  // a thread that runs no Python (or not yet)
         return 0;

@@ -9,6 +9,7 @@ only state they share, under a lock.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from agent.python.interpreter import Interpreter, Unsupported, check_runtime, fi
 log = logging.getLogger(__name__)
 
 # struct py_proc of bpf/profile.bpf.c
-PY_PROC = struct.Struct("=Q12HBBH4x")
+PY_PROC = struct.Struct("=QQQ12HBBH4x")
 PY_NONE = 0xFFFF
 PY_FRAME_READ = 128  # the walker reads this many bytes of a frame at once
 GLIBC_PTHREAD_TID = 0x2D0  # struct pthread's tid (glibc 2.x, x86_64)
@@ -37,14 +38,17 @@ class PythonMaps(Protocol):
     def remove_python_process(self, pid: int) -> None: ...
 
 
-def bpf_config(interpreter: Interpreter) -> bytes | None:
-    """The walker's struct py_proc, or None when a frame field lies past what it reads."""
+def bpf_config(interpreter: Interpreter, pid_namespace: tuple[int, int] = (0, 0)) -> bytes | None:
+    """The walker's struct py_proc, or None when a frame field lies past what it reads.
+    pid_namespace: (nsfs device, inode) of the process's own pid namespace when it is not
+    the agent's (a container), else (0, 0)."""
     o = interpreter.offsets
     frame_fields = (o.frame_previous, o.frame_code, o.frame_instr, o.frame_owner)
     if max(frame_fields) + 8 > PY_FRAME_READ:
         return None
     return PY_PROC.pack(
         interpreter.runtime + o.runtime_interpreters_head,
+        *pid_namespace,
         o.interp_threads_head,
         o.tstate_next,
         _optional(o.tstate_native_thread_id),
@@ -61,6 +65,19 @@ def bpf_config(interpreter: Interpreter) -> bytes | None:
         o.owned_by_cstack if o.owned_by_cstack >= 0 else 0xFF,
         1 if interpreter.version < (3, 11) else 0,
     )
+
+
+def pid_namespace(pid: int, proc: Path = PROC) -> tuple[int, int]:
+    """(device, inode) of the process's pid namespace when it differs from the agent's:
+    the ids Python stores for its threads are those of that namespace."""
+    try:
+        own = os.stat(proc / "self" / "ns" / "pid")
+        theirs = os.stat(proc / str(pid) / "ns" / "pid")
+    except OSError:
+        return (0, 0)
+    if (own.st_dev, own.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return (0, 0)
+    return (theirs.st_dev, theirs.st_ino)
 
 
 def _optional(offset: int) -> int:
@@ -97,7 +114,7 @@ class PythonUnwinder:
         elif found is not None and not check_runtime(process.pid, found):
             self._skip(found.path, "offsets_mismatch", "its interpreter state does not match")
         elif found is not None:
-            config = bpf_config(found)
+            config = bpf_config(found, pid_namespace(process.pid, self._proc))
             if config is None:
                 self._skip(found.path, "offsets_mismatch", "frame fields out of reach")
         with self._lock:

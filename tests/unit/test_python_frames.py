@@ -25,7 +25,7 @@ from agent.python.frames import (
 )
 from agent.python.interpreter import Interpreter, find_interpreter
 from agent.python.offsets import OFFSETS
-from agent.python.unwinder import PY_PROC, bpf_config
+from agent.python.unwinder import PY_PROC, bpf_config, pid_namespace
 from agent.sampler.convert import split_python_stacks
 from agent.sampler.loader import bpf_source_path
 
@@ -121,7 +121,8 @@ def test_config_struct_matches_the_bpf_struct() -> None:
     sizes = {"u64": "Q", "u32": "I", "u16": "H", "u8": "B"}
     formats = "".join(sizes[kind] for kind, _ in members)
     assert PY_PROC.format.startswith("=" + formats.replace("HHHHHHHHHHHH", "12H"))
-    assert PY_PROC.size == 40  # sizeof(struct py_proc): 36 bytes of fields, aligned to 8
+    assert [name for _, name in members[1:3]] == ["pidns_dev", "pidns_ino"]
+    assert PY_PROC.size == 56  # sizeof(struct py_proc): 52 bytes of fields, aligned to 8
     assert members[0] == ("u64", "interpreters_head")
 
 
@@ -133,10 +134,10 @@ def test_config_packs_every_supported_version(version: tuple[int, int]) -> None:
     fields = PY_PROC.unpack(config)
     offsets = OFFSETS[version]
     assert fields[0] == 0x7F0000001000 + offsets.runtime_interpreters_head
-    instr_is_pointer, every_frame_entry = fields[13], fields[15]
+    instr_is_pointer, every_frame_entry = fields[15], fields[17]
     assert instr_is_pointer == (version >= (3, 11))
     assert every_frame_entry == (version < (3, 11))
-    native_tid = fields[3]
+    native_tid = fields[5]
     assert (native_tid == 0xFFFF) == (offsets.tstate_native_thread_id < 0)
 
 
@@ -234,3 +235,8 @@ def test_struct_offsets_in_words_fit_the_position_field() -> None:
     decoded = decode_word(w)
     assert decoded.code == 0x7FFFFFFFFFF0 and decoded.position == 0xFFFF
     assert struct.pack("=Q", w)
+
+
+def test_a_process_in_the_agents_pid_namespace_needs_no_translation() -> None:
+    assert pid_namespace(os.getpid()) == (0, 0)
+    assert pid_namespace(2**22 + 12345) == (0, 0)  # gone: no translation asked for
