@@ -81,6 +81,7 @@ class Location:
     build_id: str = ""  # hex GNU build id of the mapped file, if known
     frames: tuple[Frame, ...] = ()
     kernel: bool = False
+    frame_type: str = ""  # "" native or kernel (by `kernel`); "cpython" for Python frames
 
     @property
     def symbolized(self) -> bool:

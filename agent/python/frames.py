@@ -52,7 +52,8 @@ def python_runs(
     runs: list[list[Location]] = [[]]
     for word in words:
         if word == PY_TRUNCATED:
-            runs[-1].append(Location(address=0, mapping=None, frames=(TRUNCATED_FRAME,)))
+            cut = Location(address=0, mapping=None, frames=(TRUNCATED_FRAME,), frame_type="cpython")
+            runs[-1].append(cut)
             continue
         decoded = decode_word(word)
         runs[-1].append(locate(decoded))

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PY_PROC = struct.Struct("=QQQ12HBBH4x")
 PY_NONE = 0xFFFF
 PY_FRAME_READ = 128  # the walker reads this many bytes of a frame at once
+CPYTHON = "cpython"  # OTLP profile.frame.type of Python frames
 GLIBC_PTHREAD_TID = 0x2D0  # struct pthread's tid (glibc 2.x, x86_64)
 
 
@@ -201,9 +202,14 @@ def python_location(
 ) -> Location:
     code = codes.get(pid, word.code, interpreter)
     if code is None:
-        return Location(address=0, mapping=None, frames=(Frame(function="[unknown Python code]"),))
+        return Location(
+            address=0,
+            mapping=None,
+            frames=(Frame(function="[unknown Python code]"),),
+            frame_type=CPYTHON,
+        )
     line = code.line(interpreter, word.position) or 0
     frame = Frame(
         function=code.name, file=code.filename, line=line, start_line=max(code.firstlineno, 0)
     )
-    return Location(address=0, mapping=None, frames=(frame,))
+    return Location(address=0, mapping=None, frames=(frame,), frame_type=CPYTHON)

@@ -170,7 +170,8 @@ LIB_MAPPING = Mapping(start=0x7F0000000000, end=0x7F0000010000, offset=0x1000, p
 
 
 def sample_locations() -> tuple[Location, ...]:
-    """A stack, innermost first: a kernel frame, an inlined pair, a libc call, main."""
+    """A stack, innermost first: a kernel frame, an inlined pair, a libc call, a Python
+    frame, main."""
     return (
         Location(
             address=0xFFFFFFFF81000010, mapping=None, frames=(Frame("do_syscall"),), kernel=True
@@ -187,6 +188,12 @@ def sample_locations() -> tuple[Location, ...]:
             build_id="cd" * 20,
             frames=(Frame("libc_write"),),
         ),
+        Location(
+            address=0,
+            mapping=None,
+            frames=(Frame("Worker.run", "worker.py", 12, 10),),
+            frame_type="cpython",
+        ),  # a Python frame (agent/python)
         Location(
             address=0x400200,
             mapping=MAIN_MAPPING,

@@ -129,7 +129,7 @@ def test_mappings_and_frame_types(backends, sinks):
     for location in sample_locations():
         message = by_address[location.address]
         frame_type = _attributes(d, message.attribute_indices)["profile.frame.type"]
-        assert frame_type == ("kernel" if location.kernel else "native")
+        assert frame_type == ("kernel" if location.kernel else location.frame_type or "native")
         if location.mapping is None:
             assert message.mapping_index == 0
             continue

@@ -18,7 +18,7 @@ opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export
 - ProfilesDictionary: index 0 of every table is the empty element; strings interned;
   stacks list locations leaf first; a location's lines hold inlined frames innermost
   first, caller last (as pprof); mappings carry process.executable.build_id.gnu;
-  locations carry profile.frame.type (kernel / native).
+  locations carry profile.frame.type (kernel / native / cpython).
 
 Encoding handles every location reference of every profile, so it is written for speed
 (see Dictionary): it writes the samples and the dictionary tables as wire bytes itself,
@@ -235,7 +235,8 @@ class Dictionary:
         self._mapping_fields: dict[int, tuple[str, bytes]] = {}
         self._functions: dict[FunctionKey, tuple[bytes, bytes]] = {}  # see _function
         self._function_rows: list[bytes] = []
-        self._frame_types: dict[bool, bytes] = {}  # -> Location.attribute_indices field
+        # (kernel, frame_type) -> Location.attribute_indices field
+        self._frame_types: dict[tuple[bool, str], bytes] = {}
         self._locations: dict[bytes | tuple[bytes, str], bytes] = {}  # -> index varint
         self._location_rows: list[bytes] = []
         self._by_identity: dict[int, bytes] = {}  # id(Location) -> its index varint
@@ -335,7 +336,9 @@ class Dictionary:
                 if number:
                     field += b"\x10" + _int64(number)
                 lines += b"\x1a" + table[len(field)] + field  # len(field) < 0x80
-        frame_type = self._frame_types.get(location.kernel) or self._new_frame_type(location)
+        frame_type = self._frame_types.get(
+            (location.kernel, location.frame_type)
+        ) or self._new_frame_type(location)
         body = b"".join((mapping_field, address_field, lines, frame_type))
         # Location equality includes a build id the bytes do not carry without a mapping
         value = body if mapping is not None or not build_id else (body, build_id)
@@ -408,9 +411,10 @@ class Dictionary:
         return field
 
     def _new_frame_type(self, location: Location) -> bytes:
-        kind = "kernel" if location.kernel else "native"
+        kind = "kernel" if location.kernel else location.frame_type or "native"
         index = self.attribute(FRAME_TYPE_ATTRIBUTE, kind)
-        field = self._frame_types[location.kernel] = _packed(b"\x22", [index], self.varints)
+        field = _packed(b"\x22", [index], self.varints)
+        self._frame_types[(location.kernel, location.frame_type)] = field
         return field
 
     def serialize(self) -> bytes:
