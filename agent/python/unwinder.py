@@ -97,6 +97,7 @@ class PythonUnwinder:
         self._skipped_paths: set[str] = set()  # logged once each
         self.codes = CodeObjects()
         self._locations: dict[tuple[int, int, int], Location] = {}  # this window's
+        self._logged_failure = False
 
     def use_maps(self, maps: PythonMaps | None) -> None:
         self._maps = maps
@@ -168,8 +169,12 @@ class PythonUnwinder:
     def note_code(self, pid: int, address: int) -> None:
         """A code object the walker met first: read it while the process lives."""
         interpreter = self.interpreter(pid)
-        if interpreter is not None:
+        if interpreter is None:
+            return
+        try:
             self.codes.note(pid, address, interpreter)
+        except Exception:  # what a process holds must never stop the sampling loop
+            self._failed_once("reading a code object of pid %d failed", pid)
 
     def merge(
         self, pid: int, locations: tuple[Location, ...], words: Sequence[int]
@@ -179,8 +184,17 @@ class PythonUnwinder:
         if interpreter is None or not words:
             return locations
         kernel = sum(1 for location in locations if location.kernel)
-        runs = python_runs(words, lambda word: self._locate(pid, interpreter, word))
+        try:
+            runs = python_runs(words, lambda word: self._locate(pid, interpreter, word))
+        except Exception:  # the stack keeps its native frames
+            self._failed_once("Python frames of pid %d failed", pid)
+            return locations
         return (*locations[:kernel], *merge_runs(locations[kernel:], runs))
+
+    def _failed_once(self, message: str, pid: int) -> None:
+        if not self._logged_failure:
+            self._logged_failure = True
+            log.exception(message, pid)
 
     def end_window(self) -> None:
         self._locations.clear()

@@ -119,11 +119,18 @@ class UnwindWorker:
         try:
             process = self._read(pid)
             if process is not None:  # else it exited: nothing left to unwind
-                if self._python is not None:  # first: milliseconds, tables can take seconds
-                    self._python.prepare(process)
+                self._prepare_python(process)  # first: milliseconds; tables can take seconds
                 self.tables.prepare(process)
         except Exception:  # one bad process must not stop the others
             log.exception("unwind tables for pid %d failed", pid)
+
+    def _prepare_python(self, process: ProcessInfo) -> None:
+        if self._python is None:
+            return
+        try:
+            self._python.prepare(process)
+        except Exception:  # the process keeps its native frames
+            log.exception("Python frames for pid %d failed", process.pid)
 
     def _sweep(self) -> None:
         try:
