@@ -98,6 +98,7 @@ class PythonUnwinder:
         self.codes = CodeObjects()
         self._locations: dict[tuple[int, int, int], Location] = {}  # this window's
         self._logged_failure = False
+        self._verified: set[int] = set()  # pids whose thread states matched the offsets
 
     def use_maps(self, maps: PythonMaps | None) -> None:
         self._maps = maps
@@ -148,6 +149,7 @@ class PythonUnwinder:
     def _forget(self, pid: int) -> None:
         """Lock held."""
         del self._processes[pid]
+        self._verified.discard(pid)
         if self._maps is not None:
             self._maps.remove_python_process(pid)
         self.codes.forget(pid)
@@ -172,6 +174,8 @@ class PythonUnwinder:
         if interpreter is None:
             return
         try:
+            if pid not in self._verified and not self._verify(pid, interpreter):
+                return
             self.codes.note(pid, address, interpreter)
         except Exception:  # what a process holds must never stop the sampling loop
             self._failed_once("reading a code object of pid %d failed", pid)
@@ -190,6 +194,18 @@ class PythonUnwinder:
             self._failed_once("Python frames of pid %d failed", pid)
             return locations
         return (*locations[:kernel], *merge_runs(locations[kernel:], runs))
+
+    def _verify(self, pid: int, interpreter: Interpreter) -> bool:
+        """Check the offsets once the interpreter runs code (at exec it had no threads
+        to check them against): a contradiction turns the process's Python frames off."""
+        if check_runtime(pid, interpreter):
+            self._verified.add(pid)
+            return True
+        self._skip(interpreter.path, "offsets_mismatch", "its interpreter state does not match")
+        with self._lock:
+            if pid in self._processes:
+                self._forget(pid)
+        return False
 
     def _failed_once(self, message: str, pid: int) -> None:
         if not self._logged_failure:

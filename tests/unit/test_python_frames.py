@@ -3,6 +3,7 @@ walker's config struct, and code objects read from this very process."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -10,8 +11,10 @@ import sys
 
 import pytest
 
+from agent import metrics
 from agent.model import Frame, Location, Mapping
 from agent.process.reader import read_process
+from agent.python import unwinder as unwinder_module
 from agent.python.code_objects import CodeObjects, read_code
 from agent.python.frames import (
     ENTRY_BIT,
@@ -25,7 +28,7 @@ from agent.python.frames import (
 )
 from agent.python.interpreter import Interpreter, find_interpreter
 from agent.python.offsets import OFFSETS
-from agent.python.unwinder import PY_PROC, bpf_config, pid_namespace
+from agent.python.unwinder import PY_PROC, PythonUnwinder, bpf_config, pid_namespace
 from agent.sampler.convert import split_python_stacks
 from agent.sampler.loader import bpf_source_path
 
@@ -240,3 +243,66 @@ def test_struct_offsets_in_words_fit_the_position_field() -> None:
 def test_a_process_in_the_agents_pid_namespace_needs_no_translation() -> None:
     assert pid_namespace(os.getpid()) == (0, 0)
     assert pid_namespace(2**22 + 12345) == (0, 0)  # gone: no translation asked for
+
+
+class RecordingMaps:
+    def __init__(self) -> None:
+        self.configs: dict[int, bytes] = {}
+
+    def set_python_process(self, pid: int, config: bytes) -> None:
+        self.configs[pid] = config
+
+    def remove_python_process(self, pid: int) -> None:
+        self.configs.pop(pid, None)
+
+
+def skipped(reason: str) -> float:
+    return (
+        metrics.REGISTRY.get_sample_value(
+            "strobe_python_interpreters_skipped_total", {"reason": reason}
+        )
+        or 0.0
+    )
+
+
+def test_this_process_is_registered_and_contradicting_offsets_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    maps = RecordingMaps()
+    unwinder = PythonUnwinder()
+    unwinder.use_maps(maps)
+    process = read_process(os.getpid())
+    assert process is not None
+    unwinder.prepare(process)
+    assert os.getpid() in maps.configs
+    assert unwinder.interpreter(os.getpid()) == own_interpreter()
+    code = sample_function.__code__
+    unwinder.note_code(os.getpid(), id(code))  # verified now, then read
+    assert len(unwinder.codes) == 1
+
+    # Offsets that contradict the process (a thread state's interp elsewhere): refused.
+    right = own_interpreter()
+    wrong = dataclasses.replace(
+        right, offsets=dataclasses.replace(right.offsets, tstate_interp=right.offsets.tstate_next)
+    )
+    monkeypatch.setattr(unwinder_module, "find_interpreter", lambda process, proc: wrong)
+    before = skipped("offsets_mismatch")
+    unwinder.prepare(process)
+    assert os.getpid() not in maps.configs
+    assert unwinder.interpreter(os.getpid()) is None
+    assert skipped("offsets_mismatch") == before + 1
+
+
+def test_offsets_are_checked_again_when_code_runs() -> None:
+    maps = RecordingMaps()
+    unwinder = PythonUnwinder()
+    unwinder.use_maps(maps)
+    right = own_interpreter()
+    wrong = dataclasses.replace(
+        right, offsets=dataclasses.replace(right.offsets, tstate_interp=right.offsets.tstate_next)
+    )
+    # As if registered at exec, before the interpreter had a thread to check against.
+    unwinder._processes[os.getpid()] = (0, wrong)
+    maps.configs[os.getpid()] = b"config"
+    unwinder.note_code(os.getpid(), id(sample_function.__code__))
+    assert os.getpid() not in maps.configs and len(unwinder.codes) == 0
