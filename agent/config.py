@@ -192,12 +192,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
-        "python_frames",
+        "no_python_frames",
         parse_bool,
-        True,
-        "Python functions, files and lines in the stacks of CPython 3.8-3.13 processes, "
-        "read in BPF and merged with the native frames (needs --unwinder dwarf or auto); "
-        "false: native frames only.",
+        False,
+        "Native frames only for Python processes. By default the stacks of CPython "
+        "3.8-3.13 processes carry their Python functions, files and lines, read in BPF "
+        "and merged with the native frames (with --unwinder dwarf or auto).",
         BOTH,
         metavar="BOOL",
     ),

@@ -147,7 +147,7 @@ def build_pipeline(
     pod_watcher = start_pod_watcher(config)
     labeler = Labeler(config.resolved_node_name, config.relabel_configs, kubernetes=pod_watcher)
     guard = CardinalityGuard(config.max_series_per_window)
-    python = PythonUnwinder() if config.python_frames else None
+    python = None if config.no_python_frames else PythonUnwinder()
     stages = Stages(
         resolve_process=processes.get_covering,
         symbolize=symbolizer.symbolize,

@@ -1,6 +1,8 @@
 """Python frames: what the walker costs in BPF, and how its profile compares with py-spy.
 
     sudo .venv/bin/python benchmarks/python_frames.py [--seconds 10] [--frequency 99]
+    sudo .venv/bin/python benchmarks/python_frames.py --agent-cpu 60
+
 
 For each CPython (pyenv's 3.8, 3.10, 3.11, 3.12, 3.13 and Debian's 3.11), one workload
 runs three functions at a known split of its time (a 50 %, b 30 %, c 20 %), 20 Python
@@ -9,6 +11,10 @@ BPF statistics on (kernel.bpf_stats_enabled=1): the BPF time per sample includes
 tail-called native and Python walkers. During the "on" run py-spy records the same
 process at the same rate; the table gives each tool's share of samples per leaf
 function. Two busy C loops run beside it throughout (a machine under load).
+
+--agent-cpu N: 20 busy Python processes (the same workload, the interpreters in turn)
+run while `strobe run` (19 Hz, the default) runs with Python frames on, then off; the
+agent's CPU (its whole process tree) is measured over N seconds once it has settled.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _harness import Agent  # noqa: E402
 
 from agent.config import Config  # noqa: E402
 from agent.pipeline import build_pipeline  # noqa: E402
@@ -61,7 +69,7 @@ def interpreters() -> dict[str, str]:
 
 def strobe_run(pid: int, seconds: float, frequency: int, python: bool) -> tuple[float, dict]:
     """(BPF ns per sample, leaf Python function -> samples) of one sampling run."""
-    config = Config().with_values(frequency=frequency, python_frames=python, window=seconds)
+    config = Config().with_values(frequency=frequency, no_python_frames=not python, window=seconds)
     pipeline = build_pipeline(config, pid=pid, background_indexing=False)
     pipeline.start()
     try:
@@ -106,8 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--frequency", type=int, default=99)
+    parser.add_argument("--agent-cpu", type=float, default=0.0, metavar="SECONDS")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.agent_cpu:
+        agent_cpu(args.agent_cpu)
+        return
     subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
     burners = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(2)]
     print("| CPython | BPF µs/sample, frames on | off | a/b/c % Strobe | a/b/c % py-spy |")
@@ -145,6 +157,31 @@ def measure(name: str, executable: str, directory: Path, args: argparse.Namespac
         f"| {name} | {on_ns / 1000:.1f} | {off_ns / 1000:.1f} | "
         f"{shares(on_leaves)} | {shares(spy_leaves)} |"
     )
+
+
+def agent_cpu(seconds: float, processes: int = 20) -> None:
+    executables = list(interpreters().values())
+    crowd = [
+        subprocess.Popen([executables[n % len(executables)], "-c", WORKLOAD, "20"])
+        for n in range(processes)
+    ]
+    print(f"| Python frames | agent CPU, % of a core, {processes} busy Python processes |")
+    print("|---|---|")
+    try:
+        for on in (True, False):
+            with tempfile.TemporaryDirectory() as workdir:
+                extra = [] if on else ["--no-python-frames"]
+                with Agent(Path(workdir), frequency=19, extra=extra) as agent:
+                    agent.wait_ready()
+                    agent.wait_settled()
+                    before, start = agent.cpu_seconds(), time.monotonic()
+                    time.sleep(seconds)
+                    used = agent.cpu_seconds() - before
+                    share = 100 * used / (time.monotonic() - start)
+            print(f"| {'on' if on else 'off'} | {share:.2f} |", flush=True)
+    finally:
+        for process in crowd:
+            process.kill()
 
 
 if __name__ == "__main__":
