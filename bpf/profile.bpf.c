@@ -523,7 +523,7 @@ static __always_inline void store_user_stack(struct unwind_state *st) {
 // The first sight of a (pid, code object) emits EVENT_PYTHON_CODE, so user space
 // reads the code object while the process still lives.
 #define PY_FRAMES_PER_CALL 16
-#define PY_MAX_CALLS 5
+#define PY_MAX_CALLS 8          // 128 steps: 64 frames and the C-stack shims between them
 #define PY_MAX_THREADS 32
 #define PY_MARKER 0xffffffffffffffffULL
 #define PY_TRUNCATED 0xfffffffffffffffeULL  // the walk stopped at PY_MAX_FRAMES
@@ -663,14 +663,22 @@ static __always_inline void py_note_code(struct unwind_state *st, u64 code) {
         emit_event(st->key.pid, EVENT_PYTHON_CODE, code);
 }
 
+// Frames are left: the pending word goes in, and the cut mark after it.
+static __always_inline void py_truncate(struct unwind_state *st) {
+    count_stat(STAT_PY_TRUNCATED);
+    if (st->py_count > 0) {
+        py_append(st, st->py_pending);
+        st->py_pending = PY_TRUNCATED;
+    }
+}
+
 // Read one interpreter frame; queue its word (the previous one is appended now).
 static __always_inline int py_step(struct unwind_state *st, struct py_proc *proc) {
     u64 frame = st->py_frame;
     if (frame == 0)
         return STEP_DONE;
     if (st->py_count >= PY_MAX_FRAMES) {
-        count_stat(STAT_PY_TRUNCATED);
-        py_append(st, PY_TRUNCATED);
+        py_truncate(st);
         return STEP_DONE;
     }
     if (bpf_probe_read_user(st->py_bytes, PY_FRAME_READ, (void *)frame) != 0) {
@@ -749,7 +757,7 @@ int unwind_python(struct bpf_perf_event_data *ctx) {
     st->py_calls++;
     if (st->py_calls < PY_MAX_CALLS)
         unwind_programs.call(ctx, 1);
-    count_stat(STAT_PY_TRUNCATED);
+    py_truncate(st);  // out of tail calls (shim frames of 3.12+ take steps too)
 done:
     if (st->py_count > 0)
         py_append(st, st->py_pending);

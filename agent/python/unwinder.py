@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PY_PROC = struct.Struct("=QQQ12HBBH4x")
 PY_NONE = 0xFFFF
 PY_FRAME_READ = 128  # the walker reads this many bytes of a frame at once
+EXITED_WINDOWS = 2  # window ends an exited process's CPython is kept for its last samples
 CPYTHON = "cpython"  # OTLP profile.frame.type of Python frames
 GLIBC_PTHREAD_TID = 0x2D0  # struct pthread's tid (glibc 2.x, x86_64)
 
@@ -99,6 +100,8 @@ class PythonUnwinder:
         self._locations: dict[tuple[int, int, int], Location] = {}  # this window's
         self._logged_failure = False
         self._verified: set[int] = set()  # pids whose thread states matched the offsets
+        self._exited: dict[int, tuple[Interpreter, int]] = {}  # pid -> CPython, windows left
+        self._stale_codes: set[int] = set()  # pids whose code objects to drop (main thread)
 
     def use_maps(self, maps: PythonMaps | None) -> None:
         self._maps = maps
@@ -128,6 +131,8 @@ class PythonUnwinder:
                 return
             if known == (process.start_time, found):
                 return
+            if self._exited.pop(process.pid, None) is not None or known is not None:
+                self._stale_codes.add(process.pid)  # a reused pid: the old code is not its
             maps.set_python_process(process.pid, config)
             self._processes[process.pid] = (process.start_time, found)
             metrics.PYTHON_PROCESSES.set(len(self._processes))
@@ -144,15 +149,20 @@ class PythonUnwinder:
             if not alive:
                 with self._lock:
                     if self._processes.get(pid, (None,))[0] == start_time:
-                        self._forget(pid)
+                        self._forget(pid, exited=True)
 
-    def _forget(self, pid: int) -> None:
-        """Lock held."""
-        del self._processes[pid]
+    def _forget(self, pid: int, exited: bool = False) -> None:
+        """Lock held. An exited process's interpreter and code objects stay until its
+        last samples were merged (EXITED_WINDOWS window ends): it may have exited long
+        before the window that holds them is drained."""
+        _, interpreter = self._processes.pop(pid)
         self._verified.discard(pid)
         if self._maps is not None:
             self._maps.remove_python_process(pid)
-        self.codes.forget(pid)
+        if exited:
+            self._exited[pid] = (interpreter, EXITED_WINDOWS)
+        else:
+            self._stale_codes.add(pid)
         metrics.PYTHON_PROCESSES.set(len(self._processes))
 
     def _skip(self, path: str, reason: str, why: str) -> None:
@@ -164,7 +174,8 @@ class PythonUnwinder:
     def interpreter(self, pid: int) -> Interpreter | None:
         with self._lock:
             known = self._processes.get(pid)
-        return known[1] if known else None
+            exited = self._exited.get(pid)
+        return known[1] if known else exited[0] if exited else None
 
     # --- sampling thread --------------------------------------------------------
 
@@ -173,6 +184,7 @@ class PythonUnwinder:
         interpreter = self.interpreter(pid)
         if interpreter is None:
             return
+        self._drop_stale_codes()
         try:
             if pid not in self._verified and not self._verify(pid, interpreter):
                 return
@@ -214,10 +226,26 @@ class PythonUnwinder:
 
     def end_window(self) -> None:
         self._locations.clear()
+        self._drop_stale_codes()
+        with self._lock:
+            for pid, (interpreter, windows) in list(self._exited.items()):
+                if windows > 1:
+                    self._exited[pid] = (interpreter, windows - 1)
+                else:
+                    del self._exited[pid]
+                    self._stale_codes.add(pid)
+        self._drop_stale_codes()
         reads, failures = self.codes.reads, self.codes.failures
         self.codes.reads = self.codes.failures = 0
         metrics.PYTHON_CODE_OBJECTS.labels("ok").inc(reads - failures)
         metrics.PYTHON_CODE_OBJECTS.labels("unreadable").inc(failures)
+
+    def _drop_stale_codes(self) -> None:
+        """On the sampling thread, which alone touches the code objects."""
+        with self._lock:
+            stale, self._stale_codes = self._stale_codes, set()
+        for pid in stale:
+            self.codes.forget(pid)
 
     def _locate(self, pid: int, interpreter: Interpreter, word: PythonWord) -> Location:
         key = (pid, word.code, word.position)

@@ -1,4 +1,5 @@
-"""Writes its pid to PIDFILE (argv[1]), then is busy in short_burst for 0.5 s and exits."""
+"""Writes its pid to PIDFILE (argv[1]), is busy in short_burst for SECONDS (argv[2],
+default 0.5), and exits."""
 
 import os
 import sys
@@ -17,4 +18,4 @@ def short_burst(seconds):
 with open(sys.argv[1] + ".tmp", "w") as f:
     f.write(str(os.getpid()))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-short_burst(0.5)
+short_burst(float(sys.argv[2]) if len(sys.argv) > 2 else 0.5)
