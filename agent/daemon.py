@@ -218,7 +218,13 @@ def admin_server(config: Config, token: AdminToken) -> AdminServer:
     """A configured token guards every route but the probes (as before); a generated one
     guards only /debug/pprof/*, so /metrics stays open on loopback without a secret."""
     open_paths = UNAUTHENTICATED_PATHS | {"/metrics"} if token.generated else UNAUTHENTICATED_PATHS
-    admin = AdminServer(config.http_address, token=token.value, open_paths=open_paths)
+    try:
+        admin = AdminServer(config.http_address, token=token.value, open_paths=open_paths)
+    except OSError as exc:  # in use, or an address this host does not have
+        raise ConfigError(
+            f"http_address {config.http_address}: {exc.strerror or exc}; stop what listens "
+            "there or choose another with --http-address"
+        ) from None
     log.info(
         "admin HTTP: /debug/pprof/* requires the bearer token in %s (%s)",
         token.path,
@@ -230,8 +236,8 @@ def admin_server(config: Config, token: AdminToken) -> AdminServer:
 def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     check_http_exposure(config)
     token = admin_token(config)
+    admin = admin_server(config, token)  # first: a port in use stops us before any work
     sinks = build_sinks(config)
-    admin = admin_server(config, token)
     signals = Signals()
     signals.install()
     taps = TapSet()

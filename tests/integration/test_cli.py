@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -321,3 +322,17 @@ def test_record_symbolizes_for_at_most_symbolize_wait(
     assert runs["0"] < 2 + 12, runs
     bad = strobe("record", "--duration", "1", "--symbolize-wait", "soon", "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--symbolize-wait" in bad.stderr
+
+
+def test_admin_port_in_use_is_one_line_naming_the_address_and_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = strobe(
+            "run", "--http-address", address, "--local-store", str(tmp_path), cache=tmp_path
+        )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert address in line and "--http-address" in line and "in use" in line
