@@ -60,6 +60,7 @@ class AdminServer:
         self._token = token
         self._open_paths = open_paths
         self._ready = threading.Event()
+        self._readiness_check: Callable[[], str | None] = lambda: None
         self.routes: dict[str, Route] = {
             "/metrics": lambda _query: (
                 200,
@@ -84,6 +85,10 @@ class AdminServer:
         self._thread.start()
         log.info("admin HTTP listening on %s:%d", self._server.server_address[0], self.port)
 
+    def set_readiness_check(self, check: Callable[[], str | None]) -> None:
+        """While ready, `check` may still say why not (a sink that refuses profiles)."""
+        self._readiness_check = check
+
     def set_ready(self, ready: bool = True) -> None:
         if ready:
             self._ready.set()
@@ -95,9 +100,12 @@ class AdminServer:
         self._server.server_close()
 
     def _readyz(self, _query: dict[str, list[str]]) -> Response:
-        if self._ready.is_set():
-            return 200, "text/plain", b"ready\n"
-        return 503, "text/plain", b"not ready\n"
+        if not self._ready.is_set():
+            return 503, "text/plain", b"not ready\n"
+        problem = self._readiness_check()
+        if problem is not None:
+            return 503, "text/plain", f"not ready: {problem}\n".encode()
+        return 200, "text/plain", b"ready\n"
 
     def authorized(self, header: str | None, path: str) -> bool:
         token_only = path.startswith(TOKEN_ONLY_PREFIX)

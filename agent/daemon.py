@@ -103,6 +103,19 @@ class Signals:
         self.stop.set()
 
 
+def sinks_problem(sinks: list[Sink]) -> str | None:
+    """Why no sink can take a profile now, or None while at least one can. Each sink's
+    state is also the gauge strobe_sink_ready{sink}."""
+    problems = []
+    for sink in sinks:
+        problem = sink.problem()
+        metrics.SINK_READY.labels(sink=sink.name).set(problem is None)
+        problems.append(problem)
+    if all(problem is not None for problem in problems) and problems:
+        return "; ".join(p for p in problems if p)
+    return None
+
+
 def deliver(sinks: list[Sink], profiles: list[SeriesProfile], window_index: int) -> None:
     for sink in sinks:
         for profile in profiles:
@@ -111,6 +124,7 @@ def deliver(sinks: list[Sink], profiles: list[SeriesProfile], window_index: int)
             except Exception:  # one sink's failure must not cost the others the window
                 log.exception("sink %s failed on window %d", sink.name, window_index)
                 metrics.SINK_ERRORS.labels(sink=sink.name, reason="exception").inc()
+    sinks_problem(sinks)  # the readiness gauges follow every window
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -246,6 +260,7 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
         return wait_for(taps.open(seconds, pid), seconds)
 
     PullEndpoint(capture, max_seconds=config.max_profile_seconds).register(admin)
+    admin.set_readiness_check(lambda: sinks_problem(sinks))
     admin.start()
     pipeline = build_pipeline(config)
     try:

@@ -86,6 +86,12 @@ LABEL_CACHE_SIZE = _gauge("strobe_label_cache_entries", "Processes in the discov
 # sinks
 PROFILES_WRITTEN = _counter("strobe_profiles_written", "Profiles written, by sink.", ("sink",))
 PROFILE_BYTES = _counter("strobe_profile_bytes", "Bytes of profiles written, by sink.", ("sink",))
+SINK_READY = _gauge(
+    "strobe_sink_ready",
+    "1 while the sink can take profiles, 0 while it refuses them (disk full, unwritable); "
+    "/readyz is 503 while every sink refuses.",
+    ("sink",),
+)
 SINK_ERRORS = _counter(
     "strobe_sink_errors", "Sink failures, by sink and reason.", ("sink", "reason")
 )

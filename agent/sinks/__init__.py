@@ -20,6 +20,10 @@ class Sink(Protocol):
         returns (e.g. the file written) is informational and callers may ignore it."""
         ...
 
+    def problem(self) -> str | None:
+        """Why the sink cannot take profiles now (one line), or None when it can."""
+        ...
+
     def close(self) -> None:
         """Flush what can be flushed and release resources; later writes are an error."""
         ...

@@ -149,6 +149,7 @@ class LocalStore:
         self._backlog: deque[SeriesProfile] = deque()
         self._backlog_bytes = 0
         self._failing = False
+        self._last_error = ""
         self._closed = False
         self._entries: list[StoredProfile] = []  # sorted oldest first
         self._total = 0
@@ -172,6 +173,16 @@ class LocalStore:
                     self._failed(exc, "cannot write profile")
             self._enqueue(profile)
             return None
+
+    def problem(self) -> str | None:
+        """Set while the disk refuses writes (full, read-only, gone): profiles back up."""
+        with self._lock:
+            if not self._failing:
+                return None
+            return (
+                f"local store {self.directory}: {self._last_error}; "
+                f"{len(self._backlog)} profiles wait in memory"
+            )
 
     def list(self) -> list[StoredProfile]:
         """The profiles on disk now, oldest first (newest last)."""
@@ -273,6 +284,7 @@ class LocalStore:
             exc,
         )
         self._failing = True
+        self._last_error = f"{what}: {exc.strerror or exc}"
 
     # -- retention and index -----------------------------------------------------------
 

@@ -137,6 +137,15 @@ class RemoteSink:
 
     # -- the Sink protocol ------------------------------------------------------------
 
+    def problem(self) -> str | None:
+        """Set while the spool refuses writes: profiles are then held only in memory,
+        which a restart loses (a backend that is down alone is no problem: the queue
+        and spool are for that)."""
+        with self._cond:
+            if self._spool is not None and self._spool_broken:
+                return f"remote store spool {self._spool.directory}: cannot write"
+        return None
+
     def write(self, profile: SeriesProfile) -> None:
         """Enqueue one profile (on disk first, with a spool); never blocks on the network."""
         if self._closed:
