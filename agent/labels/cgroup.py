@@ -57,7 +57,7 @@ class CgroupInfo:
     container_id: str = ""  # full 64-hex id
     runtime: str = ""  # docker | containerd | cri-o | podman | "" (unknown)
     pod_uid: str = ""  # Kubernetes pod UID, dashed form
-    systemd_unit: str = ""  # innermost .service or .scope unit on the path
+    systemd_unit: str = ""  # innermost .service or .scope unit on the path; "" in a container
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,14 @@ def _ordered(memberships: list[_Membership]) -> list[_Membership]:
 
 def _info(path: str, container_id: str, runtime: str, memberships: list[_Membership]) -> CgroupInfo:
     # The unit and pod may sit on another hierarchy than the container (hybrid hosts).
-    unit = systemd_unit_of(path) or next(
-        (u for m in memberships if (u := systemd_unit_of(m.path))), ""
+    # A container's unit is its runtime's scope (cri-containerd-<id>.scope), or the
+    # runtime's own service: a second per-container label, or a wrong one. Containers
+    # are named by container_id and pod; the unit is for services and sessions.
+    unit = (
+        ""
+        if container_id
+        else systemd_unit_of(path)
+        or next((u for m in memberships if (u := systemd_unit_of(m.path))), "")
     )
     pod_uid = pod_uid_of(path) or next((u for m in memberships if (u := pod_uid_of(m.path))), "")
     return CgroupInfo(path, container_id, runtime, pod_uid, unit)

@@ -104,6 +104,5 @@ def test_agent_series_carry_pod_labels(
         "pod": "checkout-7c9f8d6b5-x2x9k",
         "container": "envoy",
         "container_id": container_id,
-        "systemd_unit": f"cri-containerd-{container_id}.scope",
         "comm": "spin_pie",
     }, found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.labels.cgroup import CgroupInfo, parse_cgroup
@@ -180,7 +182,17 @@ POD_SLICE = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UI
     ],
 )
 def test_parse_cgroup(text: str, expected: CgroupInfo) -> None:
+    if expected.container_id:  # the unit the path names is the runtime's, not the process's
+        expected = dataclasses.replace(expected, systemd_unit="")
     assert parse_cgroup(text) == expected
+
+
+def test_a_container_has_no_systemd_unit_a_service_has_one() -> None:
+    assert parse_cgroup(f"0::{POD_SLICE}/cri-containerd-{CID}.scope\n").systemd_unit == ""
+    assert parse_cgroup(f"0::/system.slice/docker-{CID}.scope\n").systemd_unit == ""
+    assert parse_cgroup("0::/system.slice/nginx.service\n").systemd_unit == "nginx.service"
+    session = parse_cgroup("0::/user.slice/user-1000.slice/session-2.scope\n")
+    assert session.systemd_unit == "session-2.scope"
 
 
 def test_innermost_container_wins() -> None:

@@ -59,7 +59,6 @@ def test_container_process_gets_pod_labels(tmp_path: Path) -> None:
         "__meta_process_cgroup": ENVOY_CGROUP[3:].strip(),
         "__meta_container_id": ENVOY_ID,
         "__meta_container_runtime": "containerd",
-        "__meta_systemd_unit": f"cri-containerd-{ENVOY_ID}.scope",
         "__meta_kubernetes_namespace": "shop",
         "__meta_kubernetes_pod_name": "checkout-7c9f8d6b5-x2x9k",
         "__meta_kubernetes_pod_uid": CHECKOUT_UID,
@@ -77,7 +76,6 @@ def test_container_process_gets_pod_labels(tmp_path: Path) -> None:
         ("namespace", "shop"),
         ("node", NODE),
         ("pod", "checkout-7c9f8d6b5-x2x9k"),
-        ("systemd_unit", f"cri-containerd-{ENVOY_ID}.scope"),
     )
 
 

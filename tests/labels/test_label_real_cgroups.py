@@ -122,7 +122,7 @@ def test_kubernetes_container_in_cgroup_v2(
     assert labels["__meta_process_pid"] == str(process.pid)
     assert labels["__meta_container_id"] == container_id
     assert labels["__meta_container_runtime"] == "containerd"
-    assert labels["__meta_systemd_unit"] == scope
+    assert "__meta_systemd_unit" not in labels  # the runtime's scope is no service
     assert labels["__meta_kubernetes_pod_uid"] == uid
     assert labels["__meta_kubernetes_namespace"] == "shop"
     assert labels["__meta_kubernetes_pod_name"] == "checkout-7c9f8d6b5-x2x9k"
@@ -134,7 +134,6 @@ def test_kubernetes_container_in_cgroup_v2(
         "pod": "checkout-7c9f8d6b5-x2x9k",
         "container": "envoy",
         "container_id": container_id,
-        "systemd_unit": scope,
         "comm": "sleep",
     }
 
