@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 
@@ -21,15 +20,9 @@ from agent.config import (
     build_config,
     parse_duration,
 )
+from agent.metrics import package_version
 
 log = logging.getLogger("strobe")
-
-
-def package_version() -> str:
-    try:
-        return version("strobe")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,9 +6,21 @@ so this module is the reference for what the agent exports (README "Metrics").
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+from importlib.metadata import PackageNotFoundError, version
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+disable_created_metrics()  # no *_created series: a timestamp per counter nobody graphs
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, _resident_memory_bytes, fds
 
 
 def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -18,6 +30,18 @@ def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
 def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
     return Gauge(name, doc, labels, registry=REGISTRY)
 
+
+def package_version() -> str:
+    try:
+        return version("strobe")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+BUILD_INFO = _gauge(
+    "strobe_build_info", "Always 1; the agent's version and Python.", ("version", "python")
+)
+BUILD_INFO.labels(version=package_version(), python=platform.python_version()).set(1)
 
 # sampler
 SAMPLES = _counter("strobe_samples", "Stack samples drained from the kernel.")
