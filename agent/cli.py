@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
 PRIVILEGE_FIX = (
     "run as root or grant CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE, "
-    "CAP_DAC_READ_SEARCH, CAP_SYSLOG (see docs/deploy.md)"
+    "CAP_DAC_READ_SEARCH, CAP_SYSLOG, and in a container seccomp unconfined "
+    "(see docs/deploy.md)"
 )
 NOT_PERMITTED = ("Operation not permitted", "Permission denied")
 

@@ -122,7 +122,8 @@ def test_top_of_a_missing_pid_refused() -> None:
 
 PRIVILEGE_FIX = (
     "run as root or grant CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE, "
-    "CAP_DAC_READ_SEARCH, CAP_SYSLOG (see docs/deploy.md)"
+    "CAP_DAC_READ_SEARCH, CAP_SYSLOG, and in a container seccomp unconfined "
+    "(see docs/deploy.md)"
 )
 
 
