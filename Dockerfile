@@ -2,12 +2,18 @@
 #
 #   podman build -t strobe .        (or scripts/build-image.sh, which can also make the base)
 #
-# Run it with the host's PID namespace, the BPF capabilities and the host's kernel headers
-# mounted read-only (see docs/deploy.md):
-#   podman run --rm --pid=host --cap-drop=all \
-#     --cap-add=BPF,PERFMON,SYS_PTRACE,SYS_ADMIN,DAC_READ_SEARCH \
+# Run it as docs/deploy.md shows (and says why): the host's PID and UTS namespaces (the `node`
+# label is the host's name), only the capabilities tests/deploy/test_image.py runs with,
+# seccomp unconfined, a read-only root, ulimits runc can set without CAP_SYS_RESOURCE, and
+# the host's kernel headers and cgroup tree mounted read-only:
+#   mkdir -p /var/lib/strobe
+#   podman run -d --name strobe --pid=host --uts=host \
+#     --cap-drop=all --cap-add=BPF,PERFMON,SYS_PTRACE,CHECKPOINT_RESTORE,DAC_READ_SEARCH,SYSLOG \
+#     --security-opt seccomp=unconfined --read-only \
+#     --ulimit nofile=20000:20000 --ulimit nproc=20000:20000 \
 #     -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro -v /sys/fs/cgroup:/sys/fs/cgroup:ro \
-#     strobe run
+#     -v /var/lib/strobe:/var/lib/strobe \
+#     localhost/strobe:latest run
 
 # Any Debian 12 root file system; scripts/build-image.sh --local-base makes one with debootstrap.
 ARG BASE_IMAGE=debian:bookworm-slim

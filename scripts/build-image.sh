@@ -7,6 +7,8 @@
 #               trimmed like debian:bookworm-slim, then `podman import`), for machines that
 #               reach no image registry. Made once per machine: reused while the image
 #               localhost/strobe-base:bookworm-slim with the current recipe label exists.
+#               Without it the base is debian:bookworm-slim from a registry; when that cannot
+#               be pulled the script stops and suggests --local-base.
 # --tag IMAGE   name of the agent image (default localhost/strobe:latest).
 #
 # podman reads $CONTAINERS_CONF if set (tests/deploy/containers.conf selects runc and sane
@@ -16,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_IMAGE=localhost/strobe-base:bookworm-slim
+REGISTRY_BASE=debian:bookworm-slim   # the Dockerfile's default BASE_IMAGE
 BASE_RECIPE=1   # bump when make_local_base changes, so cached bases are rebuilt
 # The Debian mirror this host's apt already uses (deb822 or one-line sources), unless given.
 host_mirror() {
@@ -27,11 +30,12 @@ MIRROR=${DEBIAN_MIRROR:-$(host_mirror "")}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-$(host_mirror "-security")}
 SECURITY_MIRROR=${SECURITY_MIRROR:-$MIRROR}
 tag=localhost/strobe:latest
+tag_given=
 local_base=0
 while (($#)); do
   case "$1" in
     --local-base) local_base=1 ;;
-    --tag) tag=$2; shift ;;
+    --tag) tag=$2; tag_given=1; shift ;;
     *) echo "usage: $0 [--local-base] [--tag IMAGE]" >&2; exit 2 ;;
   esac
   shift
@@ -88,6 +92,14 @@ if ((local_base)); then
   fi
   flock -u 9
   build_args+=(--pull=never --build-arg "BASE_IMAGE=$BASE_IMAGE")
+elif ! podman image exists "$REGISTRY_BASE"; then
+  # What `podman build` would pull first; failing here can name the way out.
+  if ! podman pull "$REGISTRY_BASE" >&2; then
+    echo "build-image: cannot pull the base image $REGISTRY_BASE (no image registry reachable?)." >&2
+    echo "build-image: make the base locally instead (debootstrap from this host's Debian mirror):" >&2
+    echo "  $0 --local-base${tag_given:+ --tag $tag}" >&2
+    exit 1
+  fi
 fi
 if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
   build_args+=(--secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt)

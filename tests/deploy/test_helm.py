@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -15,6 +16,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from agent.admin import UNAUTHENTICATED_PATHS
 from agent.config import OPTION_BY_NAME, Config, build_config
 from tests.conftest import REPO
 
@@ -73,8 +75,13 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
+def render_text(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
+    """Template path -> rendered text (comments and NOTES.txt included)."""
+    return dict(chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True))
+
+
 def render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    manifests = render_text(chart, values)
     docs = []
     for path, text in sorted(manifests.items()):
         if path.endswith(".txt"):
@@ -220,6 +227,37 @@ def test_the_http_token_protects_a_non_loopback_bind(chart: helm.Chart, tmp_path
     probes = agent_container(docs)
     assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Started means profiling: /readyz (sampler attached), not /healthz (HTTP server up).
+    assert probes["startupProbe"]["httpGet"]["path"] == "/readyz"
+    # The kubelet sends no token: every probe must ask a route the agent leaves open.
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        get = probes[probe]["httpGet"]
+        assert get["path"] in UNAUTHENTICATED_PATHS and "httpHeaders" not in get, probe
+
+
+def test_comments_say_which_routes_need_the_token(chart: helm.Chart) -> None:
+    """/healthz and /readyz are open (agent/admin.py); the chart's words must agree."""
+    assert sorted(UNAUTHENTICATED_PATHS) == ["/healthz", "/readyz"]
+    texts = render_text(chart, {})
+    daemonset = texts["strobe/templates/daemonset.yaml"]
+    assert re.search(r"# /healthz and /readyz answer without the token", daemonset)
+    assert not re.search(r"/readyz[^\n]*\) does", daemonset)  # the old "/readyz ... does"
+    values = (CHART / "values.yaml").read_text()
+    assert "on every route but /healthz and /readyz" in values
+    notes = texts["strobe/templates/NOTES.txt"]
+    assert "/healthz and /readyz (the probes) do not" in notes
+    needs_token = notes.split("need the bearer token")[0]
+    assert "/readyz" not in needs_token and "/metrics" in needs_token
+
+
+def test_notes_say_the_image_must_be_built_and_pushed(chart: helm.Chart) -> None:
+    notes = render_text(chart, {})["strobe/templates/NOTES.txt"]
+    assert "not on any public registry" in notes and "scripts/build-image.sh" in notes
+    assert "--set image.repository=" in notes and "--set image.tag=" in notes
+    given = {"image": {"repository": "registry.example.com/strobe", "tag": "0.1.0"}}
+    assert "build-image" not in render_text(chart, given)["strobe/templates/NOTES.txt"]
+    image = agent_container(render(chart, given))["image"]
+    assert image == "registry.example.com/strobe:0.1.0"
 
 
 def test_given_token_secret_is_used_and_none_is_made(chart: helm.Chart, tmp_path: Path) -> None:

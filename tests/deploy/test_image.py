@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,13 @@ CONTAINERS_CONF = REPO / "tests" / "deploy" / "containers.conf"
 # (the Helm chart's default does the same) instead of granting CAP_SYS_ADMIN.
 AGENT_CAPS = "BPF,PERFMON,SYS_PTRACE,CHECKPOINT_RESTORE,SYSLOG,DAC_READ_SEARCH"
 HOST_HEADERS = ["-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro"]
+DOCS = REPO / "docs" / "deploy.md"
+DOCKERFILE = REPO / "Dockerfile"
+# podman run options that take a value (as `--opt=value` or `--opt value`).
+PODMAN_VALUE_OPTIONS = {
+    "--name", "--pid", "--uts", "--network", "--cap-drop", "--cap-add", "--security-opt",
+    "--ulimit", "-v", "--volume", "-e", "--env",
+}  # fmt: skip
 
 
 def podman_env() -> dict[str, str]:
@@ -65,6 +75,94 @@ def run_agent(image: str, args: list[str], podman: list[str]) -> subprocess.Comp
         *args,
     ]
     return subprocess.run(command, env=podman_env(), capture_output=True, text=True, timeout=300)
+
+
+def documented_run(text: str) -> list[str]:
+    """The first `podman run -d` command in `text` (comment markers and line continuations
+    removed), as argv."""
+    lines = [re.sub(r"^#( |$)", "", line) for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("podman run -d"))
+    command = []
+    for line in lines[start:]:
+        command.append(line.strip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(command))
+
+
+def split_podman_run(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(options as (name, value) pairs, [image, *command]) of a `podman run ...` argv."""
+    assert argv[:2] == ["podman", "run"], argv
+    options: list[tuple[str, str]] = []
+    rest = iter(argv[2:])
+    for word in rest:
+        if not word.startswith("-"):
+            return options, [word, *rest]
+        name, sep, value = word.partition("=")
+        if not sep and name in PODMAN_VALUE_OPTIONS:
+            value = next(rest)
+        options.append((name, value))
+    raise AssertionError(f"no image in {argv}")
+
+
+def containers_conf_ulimits() -> set[str]:
+    conf = tomllib.loads(CONTAINERS_CONF.read_text())
+    return set(conf["containers"]["default_ulimits"])
+
+
+def test_documented_run_commands_are_the_tested_ones() -> None:
+    """docs/deploy.md and the Dockerfile header give one command, with the capabilities and
+    settings this file runs the agent with, the ulimits of containers.conf (without which
+    runc fails here: "error setting rlimit type 7"), and the host's UTS namespace (the `node`
+    label is the host's name, not the container's random one)."""
+    docs = documented_run(DOCS.read_text())
+    header = DOCKERFILE.read_text().split("\nFROM ", 1)[0]
+    assert documented_run(header) == docs
+    options, (image, *command) = split_podman_run(docs)
+    assert (image, command) == ("localhost/strobe:latest", ["run"])
+    values: dict[str, list[str]] = {}
+    for name, value in options:
+        values.setdefault(name, []).append(value)
+    assert values["--cap-drop"] == ["all"]
+    (caps,) = values["--cap-add"]
+    assert set(caps.split(",")) == set(AGENT_CAPS.split(","))
+    assert values["--security-opt"] == ["seccomp=unconfined"]
+    assert "--read-only" in values and "--privileged" not in values
+    assert values["--pid"] == ["host"] and values["--uts"] == ["host"]
+    assert set(values["--ulimit"]) == containers_conf_ulimits()
+    mounts = set(values["-v"])
+    assert {"/lib/modules:/lib/modules:ro", "/usr/src:/usr/src:ro"} <= mounts
+    assert "/sys/fs/cgroup:/sys/fs/cgroup:ro" in mounts
+
+
+def test_build_without_a_registry_suggests_local_base(tmp_path: Path) -> None:
+    """When debian:bookworm-slim cannot be pulled, the script stops before building and
+    names the --local-base command (a stand-in podman that reaches no registry)."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "podman"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$1 $2" in\n'
+        '  "image exists") exit 1 ;;\n'
+        '  "pull "*) echo "Error: initializing source docker://$2: pinging container'
+        ' registry registry-1.docker.io: no such host" >&2; exit 125 ;;\n'
+        "esac\n"
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build-image.sh"), "--tag", "localhost/strobe:x"],
+        env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "pinging container registry" in result.stderr  # podman's own error stays visible
+    assert "--local-base --tag localhost/strobe:x" in result.stderr, result.stderr
+    assert not any(line.startswith("build ") for line in calls.read_text().splitlines())
 
 
 @pytest.fixture
@@ -131,3 +229,42 @@ def test_image_headers_are_the_fallback(require_bpf: None, image: str, tmp_path:
     assert result.returncode == 0, result.stderr
     assert re.search(r"kernel headers: using /usr/src/linux-headers-\S+-amd64", result.stderr)
     parse_pprof((out / "p.pb.gz").read_bytes())
+
+
+def test_the_documented_command_runs_as_written(
+    require_bpf: None, image: str, tmp_path: Path
+) -> None:
+    """docs/deploy.md's `podman run` as is (only the image, the state directory and the
+    command swapped for a short record), under runc with podman's default ulimits (no
+    default_ulimits from containers.conf): it starts, and the node label is the host's."""
+    options, _ = split_podman_run(documented_run(DOCS.read_text()))
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    out.mkdir()
+    argv = ["podman", "run", "--rm"]
+    for name, value in options:
+        if name in ("-d", "--name"):
+            continue
+        if name == "-v" and value == "/var/lib/strobe:/var/lib/strobe":
+            value = f"{state}:/var/lib/strobe"
+        argv.append(f"{name}={value}" if value else name)
+    argv += ["-v", f"{out}:/out", image, "record", "--duration", "2", "--output", "/out/p.pb.gz"]
+    runc_only = tmp_path / "containers.conf"
+    runc_only.write_text('[engine]\nruntime = "runc"\n')
+    result = subprocess.run(
+        argv,
+        env={**os.environ, "CONTAINERS_CONF": str(runc_only)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    profile = parse_pprof((out / "p.pb.gz").read_bytes())
+    strings = profile.string_table
+    nodes = {
+        strings[label.str]
+        for sample in profile.sample
+        for label in sample.label
+        if strings[label.key] == "node"
+    }
+    assert nodes == {socket.gethostname()}, nodes
