@@ -34,6 +34,9 @@ SIZE_UNITS = {
     "g": 1024**3,
     "gb": 1024**3,
     "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+    "tib": 1024**4,
 }
 
 
@@ -74,6 +77,48 @@ def parse_size(value: Any) -> int:
     if size <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return size
+
+
+def duration_in(low: float, high: float) -> Callable[[Any], float]:
+    """parse_duration within [low, high] seconds (a 1 ms window would spin the agent)."""
+
+    def convert(value: Any) -> float:
+        seconds = parse_duration(value)
+        if not low <= seconds <= high:
+            raise ValueError(
+                f"must be between {_seconds_text(low)} and {_seconds_text(high)}, got {value!r}"
+            )
+        return seconds
+
+    return convert
+
+
+def size_in(low: int, high: int) -> Callable[[Any], int]:
+    """parse_size within [low, high] bytes."""
+
+    def convert(value: Any) -> int:
+        size = parse_size(value)
+        if not low <= size <= high:
+            raise ValueError(
+                f"must be between {_size_text(low)} and {_size_text(high)}, got {value!r}"
+            )
+        return size
+
+    return convert
+
+
+def _seconds_text(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds / length:g}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def _size_text(size: int) -> str:
+    for unit, length in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= length and size % length == 0:
+            return f"{size // length}{unit}"
+    return f"{size}B"
 
 
 def int_in(low: int, high: int) -> Callable[[Any], int]:
@@ -203,7 +248,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "window",
-        parse_duration,
+        duration_in(1.0, 3600.0),
         10.0,
         "Length of one profile window (e.g. 10s).",
         metavar="DURATION",
@@ -217,14 +262,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "local_store_max_bytes",
-        parse_size,
+        size_in(1024**2, 1024**5),
         1024**3,
         "Local store retention by total size (e.g. 1GiB).",
         metavar="SIZE",
     ),
     Option(
         "local_store_max_age",
-        parse_duration,
+        duration_in(60.0, 3650 * 86400.0),
         7 * 86400.0,
         "Local store retention by age (e.g. 7d).",
         metavar="DURATION",
@@ -254,7 +299,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_profile_seconds",
-        parse_duration,
+        duration_in(1.0, 3600.0),
         60.0,
         "Longest capture /debug/pprof/profile?seconds=N may ask for.",
         metavar="DURATION",
@@ -319,21 +364,21 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "remote_store_timeout",
-        parse_duration,
+        duration_in(0.1, 600.0),
         30.0,
         "Deadline of one gRPC request.",
         metavar="DURATION",
     ),
     Option(
         "remote_store_max_message_bytes",
-        parse_size,
+        size_in(64 * 1024, 2 * 1024**3 - 1),
         32 * 1024**2,
         "Largest gRPC message sent.",
         metavar="SIZE",
     ),
     Option(
         "remote_store_queue_max_bytes",
-        parse_size,
+        size_in(1024**2, 64 * 1024**3),
         32 * 1024**2,
         "Memory bound of the send queue.",
         metavar="SIZE",
@@ -347,7 +392,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "remote_store_spool_max_bytes",
-        parse_size,
+        size_in(1024**2, 1024**5),
         256 * 1024**2,
         "Disk bound of the spool.",
         metavar="SIZE",
@@ -386,7 +431,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "symbol_cache_max_bytes",
-        parse_size,
+        size_in(1024**2, 1024**5),
         1 << 30,
         "Disk bound of the symbol index cache under cache_dir/symbols (least recently used out).",
         BOTH,

@@ -129,3 +129,27 @@ def test_pull_and_token_flags() -> None:
     config = config_for(["run", "--max-profile-seconds", "2m", "--http-token-file", "/t"])
     assert config.max_profile_seconds == 120.0
     assert config.http_token_file == "/t"
+
+
+@pytest.mark.parametrize(
+    ("flag", "too_small", "too_large", "fine"),
+    [
+        ("--window", "1ms", "2h", "30s"),
+        ("--local-store-max-age", "10s", "4000d", "7d"),
+        ("--max-profile-seconds", "0.5s", "2h", "1m"),
+        ("--remote-store-timeout", "1ms", "1h", "10s"),
+        ("--local-store-max-bytes", "1KiB", "2048TiB", "1GiB"),
+        ("--remote-store-max-message-bytes", "1KiB", "4GiB", "16MiB"),
+        ("--remote-store-queue-max-bytes", "1KiB", "100GiB", "64MiB"),
+        ("--remote-store-spool-max-bytes", "1KiB", "2048TiB", "1GiB"),
+        ("--symbol-cache-max-bytes", "1KiB", "2048TiB", "1GiB"),
+    ],
+)
+def test_every_duration_and_size_has_bounds_and_names_the_flag(
+    flag: str, too_small: str, too_large: str, fine: str
+) -> None:
+    for value in (too_small, too_large):
+        with pytest.raises(ConfigError, match=f"flag {flag}: .*must be between"):
+            config_for(["run", flag, value])
+    field = flag.removeprefix("--").replace("-", "_")
+    assert getattr(config_for(["run", flag, fine]), field) > 0
