@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from agent import early_signals
 from agent.config import (
     RECORD,
     RUN,
@@ -123,6 +124,7 @@ def check_pid(pid: int | None) -> None:
 
 def dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == RUN:
+        early_signals.install()  # before the heavy imports and the BPF load
         from agent.daemon import run
 
         return run(config, reload_config=lambda: build_config(args, args.command))

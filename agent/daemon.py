@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from agent import metrics, sdnotify
+from agent import early_signals, metrics, sdnotify
 from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback, split_address
 from agent.admin_token import AdminToken, admin_token
 from agent.capture import Tap, TapSet, merge_windows, wait_for
@@ -97,6 +97,9 @@ class Signals:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if early_signals.take(signum):
+                self._stop(signum, None)
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: flushing the current window", signal.Signals(signum).name)

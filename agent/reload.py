@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
+from agent import early_signals
 from agent.config import Config, ConfigError
 from agent.labels.guard import CardinalityGuard
 from agent.labels.labeler import Labeler
@@ -68,6 +69,8 @@ class Reloader:
 
     def install(self) -> None:
         signal.signal(signal.SIGHUP, self._on_sighup)
+        if early_signals.take(signal.SIGHUP):
+            self.request()
 
     def _on_sighup(self, _signum: int, _frame: FrameType | None) -> None:
         self._requested.set()
