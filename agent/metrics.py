@@ -142,6 +142,10 @@ REMOTE_LAST_SUCCESS = _gauge(
 HTTP_REQUESTS = _counter(
     "strobe_http_requests", "Admin HTTP requests, by path and status.", ("path", "status")
 )
+HTTP_CONNECTIONS_REFUSED = _counter(
+    "strobe_http_connections_refused",
+    "Admin HTTP connections closed at accept: 64 were open already.",
+)
 PULL_REQUESTS = _counter(
     "strobe_pull_requests", "On-demand profile requests, by result.", ("result",)
 )

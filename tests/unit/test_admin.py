@@ -93,3 +93,30 @@ def test_pprof_routes_need_a_token_even_on_loopback_and_without_one(server: Admi
         assert get(admin, "/debug/pprof/profile", token="s3cret") == (200, b"stacks\n")
     finally:
         admin.close()
+
+
+def test_idle_connections_are_bounded_and_dropped() -> None:
+    import socket
+    import threading
+    import time
+
+    admin = AdminServer("127.0.0.1:0", max_connections=8, idle_seconds=1.0)
+    admin.start()
+    baseline = threading.active_count()
+    refused_before = metrics.HTTP_CONNECTIONS_REFUSED._value.get()
+    idle = [socket.create_connection(("127.0.0.1", admin.port)) for _ in range(200)]
+    try:
+        deadline = time.monotonic() + 10
+        while metrics.HTTP_CONNECTIONS_REFUSED._value.get() - refused_before < 150:
+            assert threading.active_count() <= baseline + 8  # not a thread per socket
+            assert time.monotonic() < deadline, "connections over the bound were not closed"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while threading.active_count() > baseline and time.monotonic() < deadline:
+            time.sleep(0.1)  # the idle ones time out and free their slots
+        assert threading.active_count() == baseline
+        assert get(admin, "/healthz")[0] == 200  # served again once the idle ones left
+    finally:
+        for sock in idle:
+            sock.close()
+        admin.close()
