@@ -124,6 +124,11 @@ class AdminServer:
         self._thread.start()
         log.info("admin HTTP listening on %s:%d", self._server.server_address[0], self.port)
 
+    def set_auth(self, token: str | None, open_paths: frozenset[str]) -> None:
+        """A new token (rotated file, on SIGHUP); requests from now on are checked with it."""
+        self._token, self._open_paths = token, open_paths
+        log.info("admin HTTP: bearer token re-read")
+
     def set_readiness_check(self, check: Callable[[], str | None]) -> None:
         """While ready, `check` may still say why not (a sink that refuses profiles)."""
         self._readiness_check = check

@@ -231,12 +231,17 @@ class WindowLoop:
                 return merged
 
 
-def admin_server(config: Config, token: AdminToken) -> AdminServer:
-    """A configured token guards every route but the probes (as before); a generated one
-    guards only /debug/pprof/*, so /metrics stays open on loopback without a secret."""
+def auth_of(token: AdminToken) -> tuple[str, frozenset[str]]:
+    """A configured token guards every route but the probes; a generated one guards only
+    /debug/pprof/*, so /metrics stays open on loopback without a secret."""
     open_paths = UNAUTHENTICATED_PATHS | {"/metrics"} if token.generated else UNAUTHENTICATED_PATHS
+    return token.value, open_paths
+
+
+def admin_server(config: Config, token: AdminToken) -> AdminServer:
+    value, open_paths = auth_of(token)
     try:
-        admin = AdminServer(config.http_address, token=token.value, open_paths=open_paths)
+        admin = AdminServer(config.http_address, token=value, open_paths=open_paths)
     except OSError as exc:  # in use, or an address this host does not have
         raise ConfigError(
             f"http_address {config.http_address}: {exc.strerror or exc}; stop what listens "
@@ -273,7 +278,12 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
         reloader = None
         if reload_config is not None:
             local = next((s for s in sinks if isinstance(s, LocalStore)), None)
-            parts = LiveParts(pipeline.labeler, pipeline.guard, local)
+            parts = LiveParts(
+                pipeline.labeler,
+                pipeline.guard,
+                local,
+                reload_token=lambda new: admin.set_auth(*auth_of(admin_token(new))),
+            )
             reloader = Reloader(config, reload_config, parts)
             reloader.install()
         WindowLoop(pipeline, sinks, config.window, signals.stop, taps, reloader).run()

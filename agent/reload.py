@@ -29,6 +29,7 @@ LIVE_FIELDS = frozenset(
         "log_level",
         "local_store_max_bytes",
         "local_store_max_age",
+        "http_token_file",
     }
 )
 
@@ -44,6 +45,8 @@ class LiveParts:
     labeler: Labeler
     guard: CardinalityGuard
     local_store: LocalStore | None
+    # Re-reads the admin token (a rotated file takes effect); raises ConfigError if unusable.
+    reload_token: Callable[[Config], None] | None = None
 
 
 def apply_live(new: Config, parts: LiveParts, fields: set[str]) -> None:
@@ -78,6 +81,14 @@ class Reloader:
     def request(self) -> None:
         self._requested.set()
 
+    def _reload_token(self, new: Config) -> None:
+        if self._parts.reload_token is None:
+            return
+        try:
+            self._parts.reload_token(new)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the current admin token", exc)
+
     def maybe_reload(self) -> bool:
         """Reload if SIGHUP arrived; True when a new config was applied."""
         if not self._requested.is_set():
@@ -91,6 +102,7 @@ class Reloader:
         fields = changed_fields(self.current, new)
         live = fields & LIVE_FIELDS
         apply_live(new, self._parts, live)
+        self._reload_token(new)
         for name in sorted(fields - LIVE_FIELDS):
             log.warning("reload: %s changed; it takes effect after a restart", name)
         self.current = self.current.with_values(**{name: new.values[name] for name in live})
