@@ -38,6 +38,30 @@ def changed_fields(old: Config, new: Config) -> set[str]:
     return {name for name in new.values if new.values[name] != old.values.get(name)}
 
 
+LOAD_TIMEOUT_SECONDS = 5.0
+
+
+def load_with_timeout(load: Callable[[], Config], timeout: float) -> Config:
+    """`load()` on its own thread: the window loop calls this, and a config path that
+    blocks (a FIFO, a hung network mount) must not stall sampling."""
+    result: list[Config | BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(load())
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, name="config-reload", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:  # left blocked: a daemon thread, it never holds the exit
+        raise ConfigError(f"reading the configuration took over {timeout:g} s (a FIFO?)")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 @dataclass
 class LiveParts:
     """What a reload may touch."""
@@ -95,7 +119,7 @@ class Reloader:
             return False
         self._requested.clear()
         try:
-            new = self._load()
+            new = load_with_timeout(self._load, LOAD_TIMEOUT_SECONDS)
         except ConfigError as exc:
             log.error("reload: %s; keeping the current configuration", exc)
             return False
