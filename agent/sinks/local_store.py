@@ -38,7 +38,10 @@ PROFILE_SUFFIX = ".pb.gz"
 META_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
-DEFAULT_BACKLOG_PROFILES = 64
+# The backlog is bounded by bytes (what it costs); the count bound only guards against
+# millions of empty profiles. 64 MiB hold ~27 min of a node's windows at 20 series of
+# ~20 KB per 10 s window (README "Where profiles go").
+DEFAULT_BACKLOG_PROFILES = 100_000
 DEFAULT_BACKLOG_BYTES = 64 * 1024 * 1024
 
 Labels = tuple[tuple[str, str], ...]
