@@ -48,6 +48,11 @@ SAMPLES = _counter("strobe_samples", "Stack samples drained from the kernel.")
 SAMPLES_LOST = _counter("strobe_samples_lost", "Samples lost in BPF, by reason.", ("reason",))
 UNIQUE_STACKS = _gauge("strobe_window_unique_stacks", "Unique stacks in the last window.")
 MAP_FILL = _gauge("strobe_bpf_map_fill_ratio", "Fill of a BPF map at the last drain.", ("map",))
+PID_EVENTS_DROPPED = _counter(
+    "strobe_pid_events_dropped",
+    "New-process, exec and Python code events the ring buffer had no room for (their "
+    "processes are read at the drain instead, if they still run).",
+)
 WINDOWS = _counter("strobe_windows", "Profiling windows processed.")
 UNWIND_WALK_EVENTS = _counter(
     "strobe_unwind_walk_events",

@@ -274,7 +274,10 @@ class Sampler:
         current = program.read_lost()
         deltas = lost_deltas(self._lost_seen, current)
         self._lost_seen = current
-        self.pid_events_dropped += deltas.get(LOST_REASONS[-1], 0)
+        dropped = deltas.get(LOST_REASONS[-1], 0)
+        self.pid_events_dropped += dropped
+        if dropped:
+            metrics.PID_EVENTS_DROPPED.inc(dropped)
         return {reason: deltas.get(reason, 0) for reason in SAMPLE_LOSS_REASONS}
 
     def _require_started(self) -> SamplerProgram:
