@@ -71,7 +71,11 @@ class Pipeline:
         """Read /proc for processes the kernel just saw, before they can exit."""
         for new in self.sampler.poll_new_processes(timeout_ms=timeout_ms):
             process = self.processes.capture(new.pid, reread=new.reread)
-            if process is not None and self.indexer is not None:
+            if process is None:
+                continue
+            if self.python is not None:  # here, not behind the table workers' backlog
+                self.python.prepare_safely(process)
+            if self.indexer is not None:
                 self.indexer.watch(process)
 
     def prepare_now(self, pids: Iterable[int], budget_seconds: float) -> None:

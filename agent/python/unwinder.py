@@ -1,7 +1,9 @@
 """Python frames for the pipeline: which processes run CPython (told to the BPF
 walker), their code objects, and the merge of Python frames into sampled stacks.
 
-prepare/sweep run on the unwind worker threads (at exec, first sample, new code);
+prepare runs on the sampling thread as each new, exec'd or changed process is read
+(milliseconds: the ELF facts are cached per file), so a process's Python frames do not
+wait behind the unwind workers' start-up backlog; sweep on an unwind worker thread;
 note_code and merge on the sampling thread. The per-pid interpreter table is the
 only state they share, under a lock.
 """
@@ -136,6 +138,13 @@ class PythonUnwinder:
             maps.set_python_process(process.pid, config)
             self._processes[process.pid] = (process.start_time, found)
             metrics.PYTHON_PROCESSES.set(len(self._processes))
+
+    def prepare_safely(self, process: ProcessInfo) -> None:
+        """prepare() for the sampling thread: a failure leaves native frames, logged."""
+        try:
+            self.prepare(process)
+        except Exception:
+            self._failed_once("Python frames for pid %d failed", process.pid)
 
     def sweep(self) -> None:
         """Forget processes that exited (or whose pid is another process now)."""

@@ -6,8 +6,8 @@ it, so an exec or a dlopen since the pid was queued is seen. Two workers share t
 queue: while one parses a big table (libclang-cpp: 900k rows, 4 s quiet, 15 s beside
 busy processes), the other keeps routing new processes of known binaries, which
 takes milliseconds. Between pids, and at least every `sweep_seconds`, exited
-processes are forgotten so their tables' rows are freed. With Python frames on, the
-same read of a pid tells the Python walker whether it runs CPython.
+processes are forgotten so their tables' rows are freed (and, with Python frames on,
+the Python walker's exited processes).
 """
 
 from __future__ import annotations
@@ -119,18 +119,9 @@ class UnwindWorker:
         try:
             process = self._read(pid)
             if process is not None:  # else it exited: nothing left to unwind
-                self._prepare_python(process)  # first: milliseconds; tables can take seconds
                 self.tables.prepare(process)
         except Exception:  # one bad process must not stop the others
             log.exception("unwind tables for pid %d failed", pid)
-
-    def _prepare_python(self, process: ProcessInfo) -> None:
-        if self._python is None:
-            return
-        try:
-            self._python.prepare(process)
-        except Exception:  # the process keeps its native frames
-            log.exception("Python frames for pid %d failed", process.pid)
 
     def _sweep(self) -> None:
         try:
