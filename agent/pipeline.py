@@ -68,8 +68,11 @@ class Pipeline:
             self.symbolizer.use_kallsyms(kallsyms.result())
 
     def capture_new_processes(self, timeout_ms: int) -> None:
-        """Read /proc for processes the kernel just saw, before they can exit."""
-        for new in self.sampler.poll_new_processes(timeout_ms=timeout_ms):
+        """Read /proc for processes the kernel just saw, before they can exit. Changed
+        ones (an exec: often short-lived) go before those merely sampled first (at start
+        the whole host), which stay readable."""
+        news = self.sampler.poll_new_processes(timeout_ms=timeout_ms)
+        for new in sorted(news, key=lambda new: not new.reread):
             process = self.processes.capture(new.pid, reread=new.reread)
             if process is None:
                 continue
