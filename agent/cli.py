@@ -122,7 +122,23 @@ def check_pid(pid: int | None) -> None:
         raise ConfigError(f"flag --pid: process {pid} does not exist")
 
 
+def check_cache_dir(config: Config) -> None:
+    """The cache dir (headers tree, BPF programs, symbol indexes, token) must be a
+    directory we can write: found out now, not as a traceback deep in the start-up."""
+    path = Path(config.cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise  # not root: known_failure says which privileges
+    except OSError as exc:
+        why = "not a directory" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        raise ConfigError(
+            f"cache_dir: cannot use {path}: {why}; choose a writable directory with --cache-dir"
+        ) from None
+
+
 def dispatch(args: argparse.Namespace, config: Config) -> int:
+    check_cache_dir(config)
     if args.command == RUN:
         early_signals.install()  # before the heavy imports and the BPF load
         from agent.daemon import run

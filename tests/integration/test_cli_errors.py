@@ -195,3 +195,16 @@ def test_debug_log_level_keeps_the_traceback(require_bpf: None, tmp_path: Path) 
     assert result.returncode == 1, result.stderr
     assert "Traceback" in result.stderr and "KernelHeadersError" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("strobe: no kernel headers")
+
+
+def test_unusable_cache_dir_is_one_line_before_any_work(tmp_path: Path) -> None:
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("")
+    for cache, why in ((a_file, "not a directory"), (Path("/proc/strobe-nope"), "No such file")):
+        output = tmp_path / "x.pb.gz"
+        result = strobe("record", "--duration", "5", "-o", str(output), "--cache-dir", str(cache))
+        assert result.returncode == USAGE_ERROR
+        line = one_line(result)
+        assert line.startswith(f"strobe: configuration error: cache_dir: cannot use {cache}: ")
+        assert why in line and "--cache-dir" in line
+        assert not output.exists()
