@@ -248,18 +248,26 @@ def test_the_documented_command_runs_as_written(
         if name == "-v" and value == "/var/lib/strobe:/var/lib/strobe":
             value = f"{state}:/var/lib/strobe"
         argv.append(f"{name}={value}" if value else name)
-    argv += ["-v", f"{out}:/out", image, "record", "--duration", "2", "--output", "/out/p.pb.gz"]
+    argv += ["-v", f"{out}:/out", image, "record", "--duration", "2", "--frequency", "99"]
+    argv += ["--output", "/out/p.pb.gz"]
     runc_only = tmp_path / "containers.conf"
     runc_only.write_text('[engine]\nruntime = "runc"\n')
-    result = subprocess.run(
-        argv,
-        env={**os.environ, "CONTAINERS_CONF": str(runc_only)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # A busy host process: a quiet CI machine may give no sample at all in 2 s.
+    busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        result = subprocess.run(
+            argv,
+            env={**os.environ, "CONTAINERS_CONF": str(runc_only)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        busy.kill()
+        busy.wait()
     assert result.returncode == 0, result.stderr
     profile = parse_pprof((out / "p.pb.gz").read_bytes())
+    assert len(profile.sample) > 0, result.stderr
     strings = profile.string_table
     nodes = {
         strings[label.str]
