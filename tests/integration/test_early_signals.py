@@ -5,40 +5,16 @@ stops it cleanly."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.integration.strobe_run import start_strobe_run, stop_strobe_run
 from tests.integration.test_pull_auth import free_port
-
-
-def start_agent(tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("w") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--window", "2s"]
-            + ["--local-store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
-            + ["--http-address", f"127.0.0.1:{free_port()}"],
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop(agent: subprocess.Popen[bytes], log: Path) -> None:
-    agent.send_signal(signal.SIGTERM)
-    try:
-        assert agent.wait(timeout=60) == 0, log.read_text()[-3000:]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
 
 
 def test_sighup_at_half_a_second_is_a_reload(require_bpf: None, tmp_path: Path) -> None:
     log = tmp_path / "agent.log"
-    agent = start_agent(tmp_path, log)
+    agent = start_strobe_run(tmp_path, log, free_port())
     try:
         time.sleep(0.5)
         agent.send_signal(signal.SIGHUP)
@@ -49,12 +25,12 @@ def test_sighup_at_half_a_second_is_a_reload(require_bpf: None, tmp_path: Path) 
             time.sleep(0.2)
         assert agent.poll() is None
     finally:
-        stop(agent, log)
+        stop_strobe_run(agent, log)
 
 
 def test_early_sigterm_stops_cleanly(require_bpf: None, tmp_path: Path) -> None:
     log = tmp_path / "agent.log"
-    agent = start_agent(tmp_path, log)
+    agent = start_strobe_run(tmp_path, log, free_port())
     time.sleep(0.5)
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(timeout=120) == 0, log.read_text()[-3000:]

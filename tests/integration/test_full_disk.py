@@ -3,9 +3,7 @@ while the disk refuses profiles, and says ready again once it takes them."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.integration.strobe_run import start_strobe_run, stop_strobe_run
 from tests.integration.test_pull_auth import free_port
 
 
@@ -53,15 +51,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_readiness_follows_a_full_disk(require_bpf: None, small_disk: Path, tmp_path: Path) -> None:
     port, log = free_port(), tmp_path / "agent.log"
     store, filler = small_disk / "store", small_disk / "filler"
-    with log.open("w") as output:
-        agent = subprocess.Popen(
-            [*[sys.executable, "-m", "agent", "run", "--window", "2s"]]
-            + ["--local-store", str(store), "--cache-dir", str(tmp_path / "cache")]
-            + ["--http-address", f"127.0.0.1:{port}"],
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    agent = start_strobe_run(tmp_path, log, port, store=store)
     url = f"http://127.0.0.1:{port}/readyz"
     try:
         wait_until(lambda: readyz(url)[0] == 200, "never ready", agent, log)
@@ -77,10 +67,4 @@ def test_readiness_follows_a_full_disk(require_bpf: None, small_disk: Path, tmp_
             lambda: readyz(url)[0] == 200, "not ready again after space came back", agent, log
         )
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            assert agent.wait(timeout=60) == 0, log.read_text()[-3000:]
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+        stop_strobe_run(agent, log)

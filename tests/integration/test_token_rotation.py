@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.integration.strobe_run import start_strobe_run, stop_strobe_run
 from tests.integration.test_pull_auth import free_port
 
 
@@ -31,15 +29,7 @@ def test_token_file_is_reread_on_sighup(require_bpf: None, tmp_path: Path) -> No
     token_file.chmod(0o600)
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"  # with a configured token, /metrics needs it
-    with log.open("w") as output:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--window", "2s"]
-            + ["--local-store", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
-            + ["--http-address", f"127.0.0.1:{port}", "--http-token-file", str(token_file)],
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    agent = start_strobe_run(tmp_path, log, port, "--http-token-file", str(token_file))
     try:
         deadline = time.monotonic() + 120
         while "window 1:" not in log.read_text():  # up, with its SIGHUP handler
@@ -56,10 +46,4 @@ def test_token_file_is_reread_on_sighup(require_bpf: None, tmp_path: Path) -> No
             time.sleep(0.2)
         assert status(url, "first-secret") == 401
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            assert agent.wait(timeout=60) == 0, log.read_text()[-3000:]
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+        stop_strobe_run(agent, log)
