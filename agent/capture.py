@@ -13,31 +13,41 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent.model import StackSample, Window
+from agent.model import CPU, StackSample, Window
 
-SampleKey = tuple[int, int, str, tuple[int, ...], tuple[int, ...]]
+SampleKey = tuple[int, int, str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def merge_stacks(stacks: Iterable[StackSample]) -> tuple[StackSample, ...]:
+    """Identical stacks as one, their counts and nanoseconds summed."""
+    totals: dict[SampleKey, list[int]] = {}
+    for s in stacks:
+        key = (s.pid, s.tid, s.comm, s.user_stack, s.kernel_stack, s.python_stack)
+        total = totals.setdefault(key, [0, 0])
+        total[0] += s.count
+        total[1] += s.nanoseconds
+    return tuple(
+        StackSample(k[0], k[1], k[2], k[3], k[4], count, k[5], nanoseconds)
+        for k, (count, nanoseconds) in totals.items()
+    )
 
 
 def merge_windows(windows: Iterable[Window]) -> Window | None:
     """One window covering several drains; identical stacks have their counts summed."""
-    counts: dict[SampleKey, int] = {}
+    windows = list(windows)
+    if not windows:
+        return None
     lost: dict[str, int] = {}
-    start = end = None
     for window in windows:
-        start = window.start_ns if start is None else min(start, window.start_ns)
-        end = window.end_ns if end is None else max(end, window.end_ns)
-        for sample in window.samples:
-            key = (sample.pid, sample.tid, sample.comm, sample.user_stack, sample.kernel_stack)
-            counts[key] = counts.get(key, 0) + sample.count
         for reason, value in window.lost.items():
             lost[reason] = lost.get(reason, 0) + value
-    if start is None or end is None:
-        return None
-    samples = tuple(
-        StackSample(pid=k[0], tid=k[1], comm=k[2], user_stack=k[3], kernel_stack=k[4], count=c)
-        for k, c in counts.items()
+    return Window(
+        start_ns=min(w.start_ns for w in windows),
+        end_ns=max(w.end_ns for w in windows),
+        samples=merge_stacks(s for w in windows for s in w.samples),
+        lost=lost,
+        off_cpu=merge_stacks(s for w in windows for s in w.off_cpu),
     )
-    return Window(start_ns=start, end_ns=end, samples=samples, lost=lost)
 
 
 @dataclass
@@ -46,6 +56,7 @@ class Tap:
 
     deadline: float  # time.monotonic()
     pid: int | None
+    kind: str = CPU  # which profile the capture answers with
     start_ns: int = field(default_factory=time.time_ns)
     windows: list[Window] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
@@ -55,7 +66,8 @@ class Tap:
     def feed(self, window: Window) -> None:
         if self.pid is not None:
             samples = tuple(s for s in window.samples if s.pid == self.pid)
-            window = Window(window.start_ns, window.end_ns, samples, window.lost)
+            off_cpu = tuple(s for s in window.off_cpu if s.pid == self.pid)
+            window = Window(window.start_ns, window.end_ns, samples, window.lost, off_cpu)
         self.windows.append(window)
 
 
@@ -66,8 +78,8 @@ class TapSet:
         self._lock = threading.Lock()
         self._taps: list[Tap] = []
 
-    def open(self, seconds: float, pid: int | None) -> Tap:
-        tap = Tap(deadline=time.monotonic() + seconds, pid=pid)
+    def open(self, seconds: float, pid: int | None, kind: str = CPU) -> Tap:
+        tap = Tap(deadline=time.monotonic() + seconds, pid=pid, kind=kind)
         with self._lock:
             self._taps.append(tap)
         return tap

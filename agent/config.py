@@ -247,6 +247,35 @@ OPTIONS: tuple[Option, ...] = (
         metavar="BOOL",
     ),
     Option(
+        "off_cpu",
+        parse_bool,
+        False,
+        "Also record off-CPU time: where threads block (sleeps, locks, I/O waits) and for "
+        "how long, from the scheduler's switch events, with the same unwinders. run adds "
+        'off-CPU series (label profile_type="off-cpu"); record writes the off-CPU profile '
+        "[samples/count, off_cpu/nanoseconds] instead of the CPU one.",
+        (RUN, RECORD),
+        metavar="BOOL",
+    ),
+    Option(
+        "off_cpu_min_block",
+        duration_in(0.000001, 60.0),
+        0.001,
+        "With --off-cpu: blocked intervals shorter than this are not counted (e.g. 1ms, 0.1ms).",
+        (RUN, RECORD),
+        metavar="DURATION",
+    ),
+    Option(
+        "off_cpu_sample_every",
+        int_in(1, 1_000_000),
+        1,
+        "With --off-cpu: record one voluntary context switch in N, chosen at random, and "
+        "scale its count and time by N (an unbiased estimate at 1/N of the cost on nodes "
+        "with very many switches).",
+        (RUN, RECORD),
+        metavar="N",
+    ),
+    Option(
         "window",
         duration_in(1.0, 3600.0),
         10.0,

@@ -22,7 +22,7 @@ from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback, split_a
 from agent.admin_token import AdminToken, admin_token
 from agent.capture import Tap, TapSet, merge_windows, wait_for
 from agent.config import Config, ConfigError
-from agent.model import SeriesProfile, Window
+from agent.model import CPU, OFF_CPU, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.pull import PullEndpoint, without_kernel_addresses
@@ -154,9 +154,11 @@ def tap_profile(pipeline: Pipeline, tap: Tap) -> bytes:
     """The pprof of one on-demand capture (built on the window loop's thread)."""
     window = merge_windows(tap.windows) or Window(tap.start_ns, time.time_ns(), ())
     duration = max(window.end_ns - tap.start_ns, 1)
-    samples = [s for group in profile_samples(window, pipeline.stages).values() for s in group]
+    stacks = window.off_cpu if tap.kind == OFF_CPU else window.samples
+    samples = [s for group in profile_samples(stacks, pipeline.stages).values() for s in group]
     samples = without_kernel_addresses(samples)  # served over HTTP: no KASLR leak
-    return build_pprof(samples, tap.start_ns, duration, pipeline.period_ns)
+    period_ns = 0 if tap.kind == OFF_CPU else pipeline.period_ns
+    return build_pprof(samples, tap.start_ns, duration, period_ns, tap.kind)
 
 
 class WindowLoop:
@@ -264,10 +266,11 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
     signals.install()
     taps = TapSet()
 
-    def capture(seconds: float, pid: int | None) -> bytes:
-        return wait_for(taps.open(seconds, pid), seconds)
+    def capture(seconds: float, pid: int | None, kind: str) -> bytes:
+        return wait_for(taps.open(seconds, pid, kind), seconds)
 
-    PullEndpoint(capture, max_seconds=config.max_profile_seconds).register(admin)
+    kinds = frozenset({CPU, OFF_CPU} if config.off_cpu else {CPU})
+    PullEndpoint(capture, max_seconds=config.max_profile_seconds, kinds=kinds).register(admin)
     admin.set_readiness_check(lambda: sinks_problem(sinks))
     admin.start()
     pipeline = build_pipeline(config)

@@ -72,10 +72,10 @@ def fit_label(name: str, width: float) -> str:
     return name if len(name) <= room else name[: room - 2] + ".."
 
 
-def render_box(box: Box, total: int, top: float, depth_span: int) -> str:
+def render_box(box: Box, total: int, top: float, depth_span: int, unit: str = "samples") -> str:
     y = top + (depth_span - box.depth) * FRAME_HEIGHT  # root on the bottom row
     percent = 100.0 * box.count / total
-    tooltip = f"{box.name} ({box.count:,} samples, {percent:.2f}%)"
+    tooltip = f"{box.name} ({box.count:,} {unit}, {percent:.2f}%)"
     label = fit_label(box.name, box.width)
     classes = "frame" + (" elided" if box.kind == "elided" else "") + ("" if box.shown else " hide")
     left_out = ' data-left-out="{} {}"'.format(*box.left_out) if box.left_out[0] else ""
@@ -137,8 +137,10 @@ def render_flamegraph(
     samples: Sequence[ProfileSample],
     title: str = "Flame Graph",
     min_width: float = MIN_WIDTH_PX,
+    unit: str = "samples",
 ) -> str:
-    """A standalone SVG document (UTF-8 text) showing `samples` as a flame graph."""
+    """A standalone SVG document (UTF-8 text) showing `samples` as a flame graph; each
+    sample weighs its count, in `unit`."""
     root = build_tree(samples)
     keep = keep_width(root, WIDTH, KEEP_WIDTH_PX, MAX_FRAMES)
     min_width = max(min_width, keep)  # over budget with the shown frames alone: show fewer
@@ -155,7 +157,7 @@ def render_flamegraph(
         f'font-family="Verdana, sans-serif" font-size="{FONT_SIZE}">',
         *backdrop(total_width, height, not boxes),
         '<g id="frames">',
-        *(render_box(box, root.count, TITLE_SPACE, depth_span) for box in boxes),
+        *(render_box(box, root.count, TITLE_SPACE, depth_span, unit) for box in boxes),
         "</g>",
         *controls(title, total_width, height),
         '<script type="text/ecmascript"><![CDATA[',

@@ -60,6 +60,13 @@ UNWIND_WALK_EVENTS = _counter(
     "walks ended (stack_end, stopped, truncated, no_route, no_table, ...).",
     ("event",),
 )
+OFF_CPU_EVENTS = _counter(
+    "strobe_off_cpu_events",
+    "Off-CPU recording (--off-cpu): voluntary context switches seen (switches), and what "
+    "became of them: not_sampled, kernel_thread, short (under --off-cpu-min-block), "
+    "counted, and lost (counts_full, stack_evicted).",
+    ("outcome",),
+)
 UNWIND_TABLES_REFUSED = _gauge(
     "strobe_unwind_tables_refused",
     "Binaries whose unwind table did not fit the rows budget (their stacks end there "

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+CPU = "cpu"  # profile kinds: on-CPU samples [samples/count, cpu/nanoseconds]
+OFF_CPU = "off-cpu"  # blocked intervals [samples/count, off_cpu/nanoseconds]
+
 
 @dataclass(frozen=True, slots=True)
 class StackSample:
@@ -19,8 +22,9 @@ class StackSample:
     comm: str  # thread name at sample time
     user_stack: tuple[int, ...]  # instruction pointers, innermost first
     kernel_stack: tuple[int, ...]  # innermost first
-    count: int
+    count: int  # on-CPU: samples; off-CPU: blocked intervals
     python_stack: tuple[int, ...] = ()  # the Python walker's words (agent/python/frames.py)
+    nanoseconds: int = 0  # off-CPU: the intervals' total blocked time
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,7 @@ class Window:
     end_ns: int
     samples: tuple[StackSample, ...]
     lost: dict[str, int] = field(default_factory=dict)  # reason -> samples lost in BPF
+    off_cpu: tuple[StackSample, ...] = ()  # blocked intervals (with --off-cpu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,7 @@ class ProfileSample:
     count: int
     labels: tuple[tuple[str, str], ...] = ()  # sorted (name, value) pairs
     pid: int = 0
+    nanoseconds: int = 0  # off-CPU: blocked time (on-CPU time is count * period)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,7 @@ class SeriesProfile:
     period_ns: int  # CPU nanoseconds one sample stands for
     samples: tuple[ProfileSample, ...]
     pprof: bytes  # the gzipped pprof of `samples`
+    kind: str = CPU  # CPU or OFF_CPU: what the samples measure
 
 
 def valid_utf8(text: str) -> str:

@@ -23,7 +23,7 @@ from agent.labels.labeler import Labeler
 from agent.model import ProcessInfo, StackSample
 from agent.process.cache import ProcessCache
 from agent.python.unwinder import PythonUnwinder
-from agent.sampler.sampler import Sampler
+from agent.sampler.sampler import OffCpuSettings, Sampler
 from agent.session import Labels, SeriesLabels, Stages
 from agent.symbolize.background import BackgroundIndexer
 from agent.symbolize.kallsyms import Kallsyms
@@ -146,6 +146,13 @@ def start_pod_watcher(config: Config) -> KubernetesPodWatcher | None:
     return KubernetesPodWatcher(connection, config.resolved_node_name).start()
 
 
+def off_cpu_settings(config: Config) -> OffCpuSettings | None:
+    if not config.off_cpu:
+        return None
+    min_block_us = max(1, round(config.off_cpu_min_block * 1_000_000))
+    return OffCpuSettings(min_block_us, config.off_cpu_sample_every)
+
+
 def build_pipeline(
     config: Config, pid: int | None = None, background_indexing: bool = True
 ) -> Pipeline:
@@ -170,6 +177,7 @@ def build_pipeline(
             cache_dir=config.cache_dir,
             read_process=processes.fresh,
             python=python,
+            off_cpu=off_cpu_settings(config),
         ),
         processes=processes,
         symbolizer=symbolizer,

@@ -1,7 +1,8 @@
-"""On-demand profiles over HTTP: `GET /debug/pprof/profile?seconds=N[&pid=P]`.
+"""On-demand profiles over HTTP: `GET /debug/pprof/profile?seconds=N[&pid=P][&type=T]`.
 
 Speaks what Go's net/http/pprof speaks, so `pprof http://HOST:7071/debug/pprof/profile`
 works: `seconds` defaults to 30, the answer is a gzipped pprof sent as an attachment.
+`type` is cpu (the default) or off-cpu (blocked time; the agent must run with --off-cpu).
 The capture itself (a window over the running daemon's sampler) is passed in; this
 module only validates the request, allows one capture at a time and counts results.
 """
@@ -16,7 +17,7 @@ from dataclasses import replace
 
 from agent import metrics
 from agent.admin import AdminServer, Response
-from agent.model import Location, ProfileSample
+from agent.model import CPU, OFF_CPU, Location, ProfileSample
 from agent.process.reader import process_exists
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ PROFILE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 
-# (seconds, pid or None) -> gzipped pprof of what was sampled during those seconds.
-Capture = Callable[[float, int | None], bytes]
+# (seconds, pid or None, kind) -> gzipped pprof of what was sampled during those seconds.
+Capture = Callable[[float, int | None, str], bytes]
 
 
 class BadRequest(ValueError):
@@ -70,6 +71,15 @@ def parse_pid(values: list[str] | None) -> int | None:
     return pid
 
 
+def parse_type(values: list[str] | None, kinds: frozenset[str]) -> str:
+    kind = values[-1] if values else CPU
+    if kind not in (CPU, OFF_CPU):
+        raise BadRequest(f"type must be {CPU} or {OFF_CPU}, got {kind!r}")
+    if kind not in kinds:
+        raise BadRequest(f"type={kind} needs the agent to run with --off-cpu")
+    return kind
+
+
 def without_kernel_addresses(samples: Iterable[ProfileSample]) -> list[ProfileSample]:
     """The samples with every kernel location's address set to 0.
 
@@ -99,10 +109,16 @@ def text(status: int, message: str) -> Response:
 class PullEndpoint:
     """The route for PATH. One capture at a time: a concurrent request gets 429."""
 
-    def __init__(self, capture: Capture, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
+    def __init__(
+        self,
+        capture: Capture,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+        kinds: frozenset[str] = frozenset({CPU}),
+    ) -> None:
         if not max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, got {max_seconds}")
         self._capture = capture
+        self._kinds = kinds  # the profile kinds the agent records
         self.max_seconds = max_seconds
         self._busy = threading.Lock()
 
@@ -113,6 +129,7 @@ class PullEndpoint:
         try:
             seconds = parse_seconds(query.get("seconds"), self.max_seconds)
             pid = parse_pid(query.get("pid"))
+            kind = parse_type(query.get("type"), self._kinds)
         except BadRequest as exc:
             return self._answer("bad_request", text(400, str(exc)))
         if pid is not None and not process_exists(pid):  # else: an empty profile and a 200
@@ -121,7 +138,7 @@ class PullEndpoint:
         if not self._busy.acquire(blocking=False):
             return self._answer("busy", text(429, "a profile is already being captured"))
         try:
-            data = self._capture(seconds, pid)
+            data = self._capture(seconds, pid, kind)
         except Exception as exc:  # the daemon keeps running; the client learns why
             log.exception("on-demand profile capture failed")
             return self._answer("error", text(500, f"profile capture failed: {exc}"))

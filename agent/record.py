@@ -8,12 +8,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 from agent.config import Config, ConfigError
 from agent.flamegraph import render_flamegraph
-from agent.model import ProfileSample, SeriesProfile, Window
+from agent.model import CPU, OFF_CPU, ProfileSample, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.session import merged_profile, window_profiles
@@ -62,12 +63,12 @@ def sample_for(
 
 
 def symbolized_profile(
-    pipeline: Pipeline, window: Window, wait: float, show: TextIO | None
+    pipeline: Pipeline, window: Window, wait: float, show: TextIO | None, kind: str = CPU
 ) -> SeriesProfile | None:
     """The window as one profile, after at most `wait` seconds of indexing its binaries
     (DWARF, debuginfod). What is not ready then keeps its ELF name, or its address and
     mapping: the file is written on time, and a backend can symbolize the rest."""
-    pids = sorted({s.pid for s in window.samples})
+    pids = sorted({s.pid for s in (window.off_cpu if kind == OFF_CPU else window.samples)})
     indexing = threading.Thread(
         target=index_quietly, args=(pipeline, pids, wait), name="record-index", daemon=True
     )
@@ -82,7 +83,8 @@ def symbolized_profile(
         show.write(progress_line(pipeline) + "\n")
     if indexing.is_alive():
         log.warning("symbolize wait (%.3g s) spent: some frames keep ELF names or addresses", wait)
-    return merged_profile(window_profiles(window, pipeline.stages, pipeline.period_ns))
+    profiles = window_profiles(window, pipeline.stages, pipeline.period_ns)
+    return merged_profile(profiles, kind=kind)
 
 
 def index_quietly(pipeline: Pipeline, pids: list[int], wait: float) -> None:
@@ -112,11 +114,12 @@ def record(
     symbolize_wait: float = DEFAULT_SYMBOLIZE_WAIT,
 ) -> int:
     check_outputs({"--output": output, "--flamegraph": flamegraph})
+    kind = OFF_CPU if config.off_cpu else CPU
     pipeline = build_pipeline(config, pid=pid, background_indexing=False)
     show = tty if tty is not None else (sys.stderr if sys.stderr.isatty() else None)
     try:
         window = sample_for(pipeline, duration, stop or threading.Event(), show)
-        profile = symbolized_profile(pipeline, window, symbolize_wait, show)
+        profile = symbolized_profile(pipeline, window, symbolize_wait, show, kind)
     finally:
         pipeline.close()
     samples: list[ProfileSample] = list(profile.samples) if profile else []
@@ -124,15 +127,27 @@ def record(
     data = (
         profile.pprof
         if profile
-        else build_pprof([], window.start_ns, duration_ns, pipeline.period_ns)
+        else build_pprof([], window.start_ns, duration_ns, pipeline.period_ns, kind)
     )
     write_atomically(output, data)
     if flamegraph is not None:
-        title = f"strobe: pid {pid}" if pid else "strobe: all processes"
-        write_atomically(flamegraph, render_flamegraph(samples, title=title).encode())
-    count = sum(s.count for s in window.samples)
-    print(f"strobe: wrote {output} ({count} samples, {len(data)} bytes)", file=sys.stderr)
+        write_atomically(flamegraph, flamegraph_of(samples, pid, kind).encode())
+    if kind == OFF_CPU:
+        blocked = sum(s.nanoseconds for s in window.off_cpu) / 1e9
+        what = f"{sum(s.count for s in window.off_cpu)} blocked intervals, {blocked:.3g} s"
+    else:
+        what = f"{sum(s.count for s in window.samples)} samples"
+    print(f"strobe: wrote {output} ({what}, {len(data)} bytes)", file=sys.stderr)
     return 0
+
+
+def flamegraph_of(samples: list[ProfileSample], pid: int | None, kind: str) -> str:
+    """The SVG; an off-CPU one weighs each stack by its blocked time, in microseconds."""
+    title = f"strobe: pid {pid}" if pid else "strobe: all processes"
+    if kind != OFF_CPU:
+        return render_flamegraph(samples, title=title)
+    by_time = [replace(s, count=s.nanoseconds // 1000) for s in samples]
+    return render_flamegraph(by_time, title=f"{title}, off-CPU", unit="µs blocked")
 
 
 def output_problem(path: Path) -> str | None:

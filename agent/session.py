@@ -1,7 +1,9 @@
 """One profiling window, from kernel samples to per-series profiles.
 
 sample (Window) -> resolve process -> symbolize (-> Python frames merged in) -> label
--> build pprof -> SeriesProfile.
+-> build pprof -> SeriesProfile. A window with off-CPU intervals (--off-cpu) makes a
+second set of profiles from them, kind OFF_CPU, their series told apart by a
+`profile_type="off-cpu"` label.
 The stages are passed in as small callables so this module is pure glue, testable
 without root; agent/daemon.py and agent/record.py compose the real ones.
 """
@@ -16,7 +18,16 @@ from dataclasses import dataclass
 
 from agent import metrics
 from agent.gcpause import cycle_collection_paused
-from agent.model import Location, ProcessInfo, ProfileSample, SeriesProfile, StackSample, Window
+from agent.model import (
+    CPU,
+    OFF_CPU,
+    Location,
+    ProcessInfo,
+    ProfileSample,
+    SeriesProfile,
+    StackSample,
+    Window,
+)
 from agent.pprof.builder import build_pprof
 
 log = logging.getLogger(__name__)
@@ -49,12 +60,21 @@ def sample_labels(sample: StackSample, process: ProcessInfo | None, series: Labe
     return tuple(sorted((kept | own).items()))
 
 
-def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[ProfileSample]]:
-    """Resolve, symbolize and label every stack of the window, grouped by series."""
+PROFILE_TYPE_LABEL = "profile_type"  # off-CPU series carry it; on-CPU series keep their labels
+
+
+def off_cpu_labels(labels: Labels) -> Labels:
+    return tuple(sorted((*labels, (PROFILE_TYPE_LABEL, OFF_CPU))))
+
+
+def profile_samples(
+    stacks: Sequence[StackSample], stages: Stages
+) -> dict[Labels, list[ProfileSample]]:
+    """Resolve, symbolize and label every stack (of one window), grouped by series."""
     by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
     labels_of: dict[tuple[int, str, Labels], Labels] = {}  # ~20 stacks per process a window
     with cycle_collection_paused():  # ~100,000 objects, no cycles: see agent/gcpause.py
-        for sample in window.samples:
+        for sample in stacks:
             process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
             series = stages.series_labels(process, sample)
             if series is None:
@@ -69,17 +89,26 @@ def profile_samples(window: Window, stages: Stages) -> dict[Labels, list[Profile
                 labels = labels_of[sample.pid, sample.comm, series] = sample_labels(
                     sample, process, series
                 )
-            by_series[series].append(ProfileSample(locations, sample.count, labels, sample.pid))
+            by_series[series].append(
+                ProfileSample(locations, sample.count, labels, sample.pid, sample.nanoseconds)
+            )
     return by_series
 
 
 def window_profiles(window: Window, stages: Stages, period_ns: int) -> list[SeriesProfile]:
-    """Turn one drained window into one SeriesProfile per series label set."""
+    """Turn one drained window into one SeriesProfile per series label set (and per
+    series again for its off-CPU intervals, if any)."""
     started = time.monotonic()
     duration_ns = max(window.end_ns - window.start_ns, 1)
     profiles = []
-    for labels, samples in sorted(profile_samples(window, stages).items()):
+    for labels, samples in sorted(profile_samples(window.samples, stages).items()):
         profiles.append(series_profile(labels, samples, window.start_ns, duration_ns, period_ns))
+    for labels, samples in sorted(profile_samples(window.off_cpu, stages).items()):
+        profiles.append(
+            series_profile(
+                off_cpu_labels(labels), samples, window.start_ns, duration_ns, 0, OFF_CPU
+            )
+        )
     metrics.WINDOW_SECONDS.observe(time.monotonic() - started)
     metrics.WINDOWS.inc()
     return profiles
@@ -91,6 +120,7 @@ def series_profile(
     start_ns: int,
     duration_ns: int,
     period_ns: int,
+    kind: str = CPU,
 ) -> SeriesProfile:
     return SeriesProfile(
         labels=labels,
@@ -98,14 +128,18 @@ def series_profile(
         duration_ns=duration_ns,
         period_ns=period_ns,
         samples=tuple(samples),
-        pprof=build_pprof(samples, start_ns, duration_ns, period_ns),
+        pprof=build_pprof(samples, start_ns, duration_ns, period_ns, kind),
+        kind=kind,
     )
 
 
-def merged_profile(profiles: Sequence[SeriesProfile], labels: Labels = ()) -> SeriesProfile | None:
-    """All series of a window as one profile (for `strobe record` and the pull endpoint)."""
+def merged_profile(
+    profiles: Sequence[SeriesProfile], labels: Labels = (), kind: str = CPU
+) -> SeriesProfile | None:
+    """All series of one kind in a window as one profile (for `strobe record`)."""
+    profiles = [profile for profile in profiles if profile.kind == kind]
     if not profiles:
         return None
     samples = [sample for profile in profiles for sample in profile.samples]
     first = profiles[0]
-    return series_profile(labels, samples, first.start_ns, first.duration_ns, first.period_ns)
+    return series_profile(labels, samples, first.start_ns, first.duration_ns, first.period_ns, kind)

@@ -195,7 +195,7 @@ def run_top_command(
         while not stop.is_set() and time.monotonic() < deadline:
             pipeline.capture_new_processes(timeout_ms=100)
         window = pipeline.sampler.drain()
-        samples = profile_samples(window, pipeline.stages)
+        samples = profile_samples(window.samples, pipeline.stages)
         pipeline.end_window()
         return [sample for group in samples.values() for sample in group]
 

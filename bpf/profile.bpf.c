@@ -28,7 +28,15 @@
 #define ERR_NOSPC 28   // ENOSPC: the user stack map is full
 #define NOEXIST 1      // BPF_NOEXIST
 
-enum control_index { CONTROL_SLOT, CONTROL_PID_FILTER, CONTROL_ENTRIES };
+// CONTROL_OFFCPU_MIN_US: blocked intervals shorter than this are not counted;
+// CONTROL_OFFCPU_SAMPLE_EVERY: record one voluntary switch in this many (0, 1: all).
+enum control_index {
+    CONTROL_SLOT,
+    CONTROL_PID_FILTER,
+    CONTROL_OFFCPU_MIN_US,
+    CONTROL_OFFCPU_SAMPLE_EVERY,
+    CONTROL_ENTRIES,
+};
 
 // Keep in step with LOST_REASONS in agent/sampler/convert.py.
 enum lost_reason {
@@ -131,6 +139,41 @@ static __always_inline void finish_sample(struct sample_key *key, u32 tid) {
     add_sample(key, tid);
 }
 
+#define MAX_USER_FRAMES 127
+#define MAX_KERNEL_FRAMES 127  // PERF_MAX_STACK_DEPTH
+#define HASH_SEED 0xcbf29ce484222325ULL
+#define HASH_MULTIPLIER 0x9e3779b97f4a7c15ULL
+#define STACK_ID_MASK 0x7fffffffffffffffULL  // stack hashes as ids >= 0; < 0 means -errno
+
+#ifdef PYTHON_FRAMES
+// After the native frames: PY_MARKER, then one word per Python frame (see below).
+#define PY_MAX_FRAMES 64
+#define PY_FRAME_READ 128         // bytes of a frame read at once: every field used is in them
+#define PY_FRAME_BYTES (PY_FRAME_READ + 8)
+#define STACK_WORDS (MAX_USER_FRAMES + 2 + PY_MAX_FRAMES)
+#else
+#define STACK_WORDS MAX_USER_FRAMES
+#endif
+
+struct user_stack {
+    u64 len;
+    u64 ips[STACK_WORDS];
+};
+
+
+// Saved user registers of the current task (its pt_regs from kernel entry), which
+// needs no struct layout; 0 for a kernel thread, which has none.
+static __always_inline int task_user_registers(struct pt_regs *regs) {
+    struct task_struct *task = bpf_get_current_task_btf();
+    void *saved = (void *)bpf_task_pt_regs(task);
+    return bpf_probe_read_kernel(regs, sizeof(*regs), saved) == 0 && (regs->cs & 3) == 3;
+}
+
+static __always_inline u64 hash_word(u64 hash, u64 word) {
+    hash = (hash ^ word) * HASH_MULTIPLIER;
+    return hash ^ (hash >> 29);
+}
+
 #ifdef DWARF_UNWIND
 static __always_inline int start_table_unwind(struct bpf_perf_event_data *ctx,
                                               struct sample_key *key, u32 tid);
@@ -190,6 +233,165 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
     return 0;
 }
 
+#ifdef OFF_CPU
+// ---------------------------------------------------------------------------
+// Off-CPU time, from the raw tracepoint sched_switch (no kprobes, no tracefs, and
+// no task_struct layout: only the current task and the preempt flag are used).
+//
+// At a voluntary switch-out (preempt == false: the task blocks), the outgoing task
+// is still current. Its kernel stack (bpf_get_stack) and user stack (the on-CPU
+// walkers, copied as raw-tracepoint programs) are kept by hash in LRU maps, and
+// its start of blocking in off_cpu_started. The switch-in names the incoming task
+// only by its task_struct, so each CPU keeps the time its current task was switched
+// in, and a thread's blocked interval is counted at its next switch-out on any CPU
+// (voluntary or not, and its last one at exit): blocked = switched in - start.
+// Intervals under CONTROL_OFFCPU_MIN_US are dropped; the rest add (1, ns) under the
+// current slot in off_cpu_counts. The stacks live in the LRU maps, not in a slot's
+// maps, so an interval that spans a window flip keeps its stacks; user space reads
+// them by hash at the drain. Compile-time: OFFCPU_THREADS, OFFCPU_STACKS.
+
+// Keep in step with OFF_CPU_STATS in agent/sampler/convert.py.
+enum off_cpu_stat {
+    OFFCPU_SWITCHES,       // voluntary switch-outs of user processes seen
+    OFFCPU_NOT_SAMPLED,    // of those, skipped by CONTROL_OFFCPU_SAMPLE_EVERY
+    OFFCPU_KERNEL_THREAD,  // of those, kernel threads (no user stack): not recorded
+    OFFCPU_SHORT,          // intervals under the minimum: dropped
+    OFFCPU_COUNTED,        // intervals counted
+    OFFCPU_COUNTS_FULL,    // intervals lost: off_cpu_counts had no room
+    OFFCPU_STATS,
+};
+
+struct off_cpu_key {
+    u32 slot;
+    u32 pid;
+    s64 user_stack_id;    // a stack hash in off_cpu_user_stacks; < 0: none
+    s64 kernel_stack_id;  // a stack hash in off_cpu_kernel_stacks; < 0: none
+    char comm[COMM_LEN];
+};
+
+struct off_cpu_value {
+    u64 count;            // blocked intervals
+    u64 ns;               // their total length
+    u32 tid;
+    u32 pad;
+};
+
+struct off_cpu_start {
+    u64 start_ns;
+    s64 user_stack_id;
+    s64 kernel_stack_id;
+    u32 pid;
+    u32 pad;
+    char comm[COMM_LEN];
+};
+
+#define OFFCPU_TRACE_FRAMES 2  // the frames of the tracing path itself, innermost
+
+struct kernel_stack {
+    u64 ips[MAX_KERNEL_FRAMES];  // 0-terminated, like a stack map's entry
+};
+
+BPF_HASH(off_cpu_counts, struct off_cpu_key, struct off_cpu_value, COUNTS_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct off_cpu_start, off_cpu_started, OFFCPU_THREADS);
+BPF_TABLE("lru_hash", u64, struct user_stack, off_cpu_user_stacks, OFFCPU_STACKS);
+BPF_TABLE("lru_hash", u64, struct kernel_stack, off_cpu_kernel_stacks, OFFCPU_STACKS);
+BPF_PERCPU_ARRAY(off_cpu_switched_in, u64, 1);  // when this CPU's current task came in
+BPF_PERCPU_ARRAY(off_cpu_stats, u64, OFFCPU_STATS);
+BPF_PERCPU_ARRAY(off_cpu_kernel_scratch, struct kernel_stack, 1);
+#ifndef DWARF_UNWIND
+BPF_PERCPU_ARRAY(off_cpu_user_scratch, struct user_stack, 1);
+#endif
+
+static __always_inline void count_off_cpu(u32 stat) {
+    u64 *n = off_cpu_stats.lookup(&stat);
+    if (n)
+        (*n)++;
+}
+
+// The current task's kernel stack, stored by hash; its id, or -ERR_FAULT.
+static __always_inline s64 off_cpu_kernel_stack(void *ctx) {
+    u32 zero = 0;
+    struct kernel_stack *stack = off_cpu_kernel_scratch.lookup(&zero);
+    if (!stack)
+        return -ERR_FAULT;
+    // Skip the BPF program and bpf_trace_run4: the stack then starts at __schedule.
+    long bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), OFFCPU_TRACE_FRAMES);
+    if (bytes <= 0)
+        return -ERR_FAULT;
+    u64 words = (u64)bytes / 8;
+    u64 hash = HASH_SEED;
+    for (int i = 0; i < MAX_KERNEL_FRAMES; i++) {
+        if (i < words)
+            hash = hash_word(hash, stack->ips[i]);
+        else
+            stack->ips[i] = 0;
+    }
+    hash &= STACK_ID_MASK;
+    if (!off_cpu_kernel_stacks.lookup(&hash))  // a lookup also keeps it in the LRU
+        off_cpu_kernel_stacks.update(&hash, stack);
+    return hash;
+}
+
+// A user stack, stored by hash; its id, or -ERR_FAULT when empty.
+static __always_inline s64 off_cpu_store_user_stack(struct user_stack *stack, u64 hash) {
+    if (stack->len == 0)
+        return -ERR_FAULT;
+    hash &= STACK_ID_MASK;
+    if (!off_cpu_user_stacks.lookup(&hash))
+        off_cpu_user_stacks.update(&hash, stack);
+    return hash;
+}
+
+static __always_inline void off_cpu_remember(u32 tid, u32 pid, char *comm, u64 start_ns,
+                                             s64 user_stack_id, s64 kernel_stack_id) {
+    struct off_cpu_start start = {
+        .start_ns = start_ns,
+        .user_stack_id = user_stack_id,
+        .kernel_stack_id = kernel_stack_id,
+        .pid = pid,
+    };
+    __builtin_memcpy(start.comm, comm, COMM_LEN);
+    off_cpu_started.update(&tid, &start);
+}
+
+// Count the thread's last blocked interval, which ended when it was switched in.
+static __always_inline void off_cpu_account(u32 tid, u64 switched_in) {
+    struct off_cpu_start *found = off_cpu_started.lookup(&tid);
+    if (!found)
+        return;
+    struct off_cpu_start start = *found;
+    off_cpu_started.delete(&tid);
+    if (switched_in <= start.start_ns)
+        return;  // the CPU's first switch since attach: its switch-in time is unknown
+    u64 blocked = switched_in - start.start_ns;
+    if (blocked < (u64)control_value(CONTROL_OFFCPU_MIN_US) * 1000) {
+        count_off_cpu(OFFCPU_SHORT);
+        return;
+    }
+    struct off_cpu_key key = {
+        .slot = control_value(CONTROL_SLOT) & 1,
+        .pid = start.pid,
+        .user_stack_id = start.user_stack_id,
+        .kernel_stack_id = start.kernel_stack_id,
+    };
+    __builtin_memcpy(key.comm, start.comm, COMM_LEN);
+    struct off_cpu_value *value = off_cpu_counts.lookup(&key);
+    if (!value) {
+        struct off_cpu_value fresh = {.tid = tid};
+        off_cpu_counts.insert(&key, &fresh);  // NOEXIST: another CPU may have been first
+        value = off_cpu_counts.lookup(&key);
+        if (!value) {
+            count_off_cpu(OFFCPU_COUNTS_FULL);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&value->count, 1);
+    __sync_fetch_and_add(&value->ns, blocked);
+    value->tid = tid;
+    count_off_cpu(OFFCPU_COUNTED);
+}
+#endif  // OFF_CPU
+
 #ifdef DWARF_UNWIND
 // ---------------------------------------------------------------------------
 // Table-driven user stack unwinding (x86_64).
@@ -208,13 +410,10 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 // lives in a per-CPU array (perf_event programs do not nest on a CPU). The
 // finished stack is stored under a 64-bit hash of its frames in the slot's
 // user stack map, so equal stacks aggregate in the counts map as before.
-#define MAX_USER_FRAMES 127
 #define FRAMES_PER_CALL 6
 #define MAX_UNWIND_CALLS 22     // 132 frames; the kernel allows 33 tail calls in a chain,
                                 // the rest are the Python walker's
 #define SEARCH_STEPS 24         // binary search over up to 2^24 rows of one binary
-#define HASH_SEED 0xcbf29ce484222325ULL
-#define HASH_MULTIPLIER 0x9e3779b97f4a7c15ULL
 #define REFRESH_NS 250000000ULL  // dlopen bursts (Python imports) are routed within this
 #define USER_SPACE_END 0x800000000000ULL
 
@@ -269,21 +468,6 @@ struct mapping_value {
 #define ROUTE_FRAME_POINTERS 0xfffffffeU  // code without .eh_frame (Go, JIT): frame pointers
 #define ROUTE_STOP 0xffffffffU            // code without a table or frame pointers: stop here
 
-#ifdef PYTHON_FRAMES
-// After the native frames: PY_MARKER, then one word per Python frame (see below).
-#define PY_MAX_FRAMES 64
-#define PY_FRAME_READ 128         // bytes of a frame read at once: every field used is in them
-#define PY_FRAME_BYTES (PY_FRAME_READ + 8)
-#define STACK_WORDS (MAX_USER_FRAMES + 2 + PY_MAX_FRAMES)
-#else
-#define STACK_WORDS MAX_USER_FRAMES
-#endif
-
-struct user_stack {
-    u64 len;
-    u64 ips[STACK_WORDS];
-};
-
 struct unwind_state {
     u64 ip;
     u64 sp;
@@ -292,7 +476,9 @@ struct unwind_state {
     u32 tid;
     u32 calls;
     u32 unknown_noted;  // an EVENT_UNKNOWN_MAPPING was considered for this sample
-    u32 pad;
+    u32 off_cpu;        // an off-CPU walk (see on_sched_switch): its end differs
+    u64 off_cpu_start_ns;
+    s64 off_cpu_kernel_stack_id;
     struct sample_key key;
     struct user_stack stack;
 #ifdef PYTHON_FRAMES
@@ -349,9 +535,7 @@ static __always_inline int user_registers(struct bpf_perf_event_data *ctx,
         return 1;
     }
     struct pt_regs regs = {};
-    struct task_struct *task = bpf_get_current_task_btf();
-    void *saved = (void *)bpf_task_pt_regs(task);
-    if (bpf_probe_read_kernel(&regs, sizeof(regs), saved) != 0 || (regs.cs & 3) != 3)
+    if (!task_user_registers(&regs))
         return 0;  // a kernel thread has no user registers
     st->ip = regs.ip;
     st->sp = regs.sp;
@@ -374,6 +558,7 @@ static __always_inline int start_table_unwind(struct bpf_perf_event_data *ctx,
     st->hash = HASH_SEED;
     st->calls = 0;
     st->unknown_noted = 0;
+    st->off_cpu = 0;
     st->stack.len = 0;
     unwind_programs.call(ctx, 0);
     count_stat(STAT_TAIL_CALL_FAILED);
@@ -465,8 +650,7 @@ static __always_inline int unwind_frame(struct unwind_state *st) {
     }
     st->stack.ips[len] = st->ip;
     st->stack.len = len + 1;
-    st->hash = (st->hash ^ st->ip) * HASH_MULTIPLIER;
-    st->hash ^= st->hash >> 29;
+    st->hash = hash_word(st->hash, st->ip);
 
     // A caller's ip is a return address: look up the call instruction before it.
     u64 pc = len == 0 ? st->ip : st->ip - 1;
@@ -499,7 +683,7 @@ static __always_inline int unwind_frame(struct unwind_state *st) {
 }
 
 static __always_inline void store_user_stack(struct unwind_state *st) {
-    u64 hash = st->hash & 0x7fffffffffffffffULL;  // ids >= 0; negative ids mean errors
+    u64 hash = st->hash & STACK_ID_MASK;
     int err = st->key.slot == 0 ? user_stacks0.insert(&hash, &st->stack)
                                 : user_stacks1.insert(&hash, &st->stack);
     // EEXIST: the same stack is already stored (a 64-bit hash collision is negligible).
@@ -572,31 +756,68 @@ static __always_inline void finish_user_stack(struct unwind_state *st) {
     finish_sample(&st->key, st->tid);
 }
 
-int unwind_user(struct bpf_perf_event_data *ctx) {
-    u32 zero = 0;
-    struct unwind_state *st = unwind_state.lookup(&zero);
-    if (!st)
-        return 0;
+#ifdef OFF_CPU
+static __always_inline void off_cpu_walk_done(struct unwind_state *st) {
+    s64 user_stack_id = off_cpu_store_user_stack(&st->stack, st->hash);
+    off_cpu_remember(st->tid, st->key.pid, st->key.comm, st->off_cpu_start_ns, user_stack_id,
+                     st->off_cpu_kernel_stack_id);
+}
+#endif
+
+// The end of a walk: on-CPU walks count their sample, off-CPU walks remember the stack.
+static __always_inline void finish_walk(struct unwind_state *st) {
+#ifdef OFF_CPU
+    if (st->off_cpu) {
+        off_cpu_walk_done(st);
+        return;
+    }
+#endif
+    finish_user_stack(st);
+}
+
+// FRAMES_PER_CALL native frames; 1: tail-call the native walker again.
+static __always_inline int walk_native(struct unwind_state *st) {
     for (int i = 0; i < FRAMES_PER_CALL; i++) {
         if (unwind_frame(st) != STEP_CONTINUE)
-            goto done;
+            return 0;
     }
     st->calls++;
     if (st->calls < MAX_UNWIND_CALLS)
-        unwind_programs.call(ctx, 0);
+        return 1;
     count_stat(STAT_TRUNCATED);
-done:
+    return 0;
+}
+
+// 1: the process runs CPython, tail-call the Python walker.
+static __always_inline int python_next(struct unwind_state *st) {
 #ifdef PYTHON_FRAMES
     if (py_procs.lookup(&st->key.pid)) {
         st->py_calls = 0;
         st->py_count = 0;
         st->py_pending = 0;
         st->py_frame = 0;
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+// The walkers exist twice, for on-CPU (perf_event) and off-CPU (raw tracepoint):
+// a program tail-calls only programs of its own type, through its own prog array.
+int unwind_user(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = unwind_state.lookup(&zero);
+    if (!st)
+        return 0;
+    if (walk_native(st)) {
+        unwind_programs.call(ctx, 0);
+        count_stat(STAT_TRUNCATED);  // the kernel's tail-call limit
+    }
+    if (python_next(st)) {
         unwind_programs.call(ctx, 1);
         count_stat(STAT_PY_TAIL_CALL_FAILED);
     }
-#endif
-    finish_user_stack(st);
+    finish_walk(st);
     return 0;
 }
 
@@ -650,8 +871,7 @@ static __always_inline void py_append(struct unwind_state *st, u64 word) {
         return;
     st->stack.ips[len] = word;
     st->stack.len = len + 1;
-    st->hash = (st->hash ^ word) * HASH_MULTIPLIER;
-    st->hash ^= st->hash >> 29;
+    st->hash = hash_word(st->hash, word);
 }
 
 static __always_inline void py_note_code(struct unwind_state *st, u64 code) {
@@ -740,11 +960,13 @@ static __always_inline int py_first_frame(struct unwind_state *st, struct py_pro
     return frame != 0;
 }
 
-int unwind_python(struct bpf_perf_event_data *ctx) {
-    u32 zero = 0;
-    struct unwind_state *st = unwind_state.lookup(&zero);
-    if (!st)
-        return 0;
+static __always_inline void py_finish(struct unwind_state *st) {
+    if (st->py_count > 0)
+        py_append(st, st->py_pending);
+}
+
+// PY_FRAMES_PER_CALL Python frames; 1: tail-call the Python walker again.
+static __always_inline int walk_python(struct unwind_state *st) {
     struct py_proc *proc = py_procs.lookup(&st->key.pid);
     if (!proc)
         goto done;
@@ -756,13 +978,155 @@ int unwind_python(struct bpf_perf_event_data *ctx) {
     }
     st->py_calls++;
     if (st->py_calls < PY_MAX_CALLS)
-        unwind_programs.call(ctx, 1);
+        return 1;
     py_truncate(st);  // out of tail calls (shim frames of 3.12+ take steps too)
 done:
-    if (st->py_count > 0)
-        py_append(st, st->py_pending);
-    finish_user_stack(st);
+    py_finish(st);
+    return 0;
+}
+
+int unwind_python(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = unwind_state.lookup(&zero);
+    if (!st)
+        return 0;
+    if (walk_python(st)) {
+        unwind_programs.call(ctx, 1);
+        py_truncate(st);  // the kernel's tail-call limit
+        py_finish(st);
+    }
+    finish_walk(st);
     return 0;
 }
 #endif  // PYTHON_FRAMES
 #endif  // DWARF_UNWIND
+
+#ifdef OFF_CPU
+#ifdef DWARF_UNWIND
+BPF_PERCPU_ARRAY(off_cpu_state, struct unwind_state, 1);
+BPF_PROG_ARRAY(off_cpu_programs, 2);  // 0: off_cpu_unwind_user, 1: off_cpu_unwind_python
+
+int off_cpu_unwind_user(struct bpf_raw_tracepoint_args *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = off_cpu_state.lookup(&zero);
+    if (!st)
+        return 0;
+    if (walk_native(st)) {
+        off_cpu_programs.call(ctx, 0);
+        count_stat(STAT_TRUNCATED);
+    }
+    if (python_next(st)) {
+        off_cpu_programs.call(ctx, 1);
+        count_stat(STAT_PY_TAIL_CALL_FAILED);
+    }
+    finish_walk(st);
+    return 0;
+}
+
+#ifdef PYTHON_FRAMES
+int off_cpu_unwind_python(struct bpf_raw_tracepoint_args *ctx) {
+    u32 zero = 0;
+    struct unwind_state *st = off_cpu_state.lookup(&zero);
+    if (!st)
+        return 0;
+    if (walk_python(st)) {
+        off_cpu_programs.call(ctx, 1);
+        py_truncate(st);
+        py_finish(st);
+    }
+    finish_walk(st);
+    return 0;
+}
+#endif
+
+// Walk the blocking task's user stack with the tables; 0 when the walker is not
+// loaded (the caller falls back to frame pointers).
+static __always_inline int off_cpu_walk(struct bpf_raw_tracepoint_args *ctx, struct pt_regs *regs,
+                                        struct off_cpu_start *start, u32 tid) {
+    u32 zero = 0;
+    struct unwind_state *st = off_cpu_state.lookup(&zero);
+    if (!st)
+        return 0;
+    st->ip = regs->ip;
+    st->sp = regs->sp;
+    st->bp = regs->bp;
+    st->hash = HASH_SEED;
+    st->calls = 0;
+    st->unknown_noted = 0;
+    st->off_cpu = 1;
+    st->off_cpu_start_ns = start->start_ns;
+    st->off_cpu_kernel_stack_id = start->kernel_stack_id;
+    st->key.pid = start->pid;
+    __builtin_memcpy(st->key.comm, start->comm, COMM_LEN);
+    st->tid = tid;
+    st->stack.len = 0;
+    off_cpu_programs.call(ctx, 0);
+    count_stat(STAT_TAIL_CALL_FAILED);
+    return 0;
+}
+#else
+// Frame-pointer user stack of the blocking task (the agent runs without tables).
+static __always_inline s64 off_cpu_frame_pointer_stack(struct bpf_raw_tracepoint_args *ctx) {
+    u32 zero = 0;
+    struct user_stack *stack = off_cpu_user_scratch.lookup(&zero);
+    if (!stack)
+        return -ERR_FAULT;
+    long bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), BPF_F_USER_STACK);
+    stack->len = bytes > 0 ? (u64)bytes / 8 : 0;
+    u64 hash = HASH_SEED;
+    for (int i = 0; i < MAX_USER_FRAMES; i++) {
+        if (i < stack->len)
+            hash = hash_word(hash, stack->ips[i]);
+    }
+    return off_cpu_store_user_stack(stack, hash);
+}
+#endif  // DWARF_UNWIND
+
+// sched_switch(preempt, prev, next): the current task is prev, switching out.
+int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
+    u64 now = bpf_ktime_get_ns();
+    u32 zero = 0;
+    u64 *switched_in = off_cpu_switched_in.lookup(&zero);
+    if (!switched_in)
+        return 0;
+    u64 current_since = *switched_in;
+    *switched_in = now;  // next runs from now
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32;
+    u32 tid = (u32)pid_tgid;
+    if (pid == 0)
+        return 0;  // the idle task
+    off_cpu_account(tid, current_since);
+    if (ctx->args[0])
+        return 0;  // preempted: still runnable, not waiting for anything
+    u32 filter = control_value(CONTROL_PID_FILTER);
+    if (filter != 0 && pid != filter)
+        return 0;
+    struct pt_regs regs = {};
+    if (!task_user_registers(&regs)) {
+        count_off_cpu(OFFCPU_KERNEL_THREAD);
+        return 0;
+    }
+    count_off_cpu(OFFCPU_SWITCHES);
+    u32 every = control_value(CONTROL_OFFCPU_SAMPLE_EVERY);
+    if (every > 1 && bpf_get_prandom_u32() % every != 0) {
+        count_off_cpu(OFFCPU_NOT_SAMPLED);
+        return 0;
+    }
+    u8 one = 1;
+    if (!seen.lookup(&pid) && seen.insert(&pid, &one) == 0)
+        emit_pid_event(pid, EVENT_FIRST_SAMPLE);  // so user space reads its mappings
+
+    struct off_cpu_start start = {.start_ns = now, .pid = pid};
+    bpf_get_current_comm(&start.comm, sizeof(start.comm));
+    start.kernel_stack_id = off_cpu_kernel_stack(ctx);
+#ifdef DWARF_UNWIND
+    off_cpu_walk(ctx, &regs, &start, tid);  // remembers the interval when the walk ends
+    start.user_stack_id = -ERR_FAULT;       // the walker is not loaded: no user stack
+#else
+    start.user_stack_id = off_cpu_frame_pointer_stack(ctx);
+#endif
+    off_cpu_remember(tid, pid, start.comm, now, start.user_stack_id, start.kernel_stack_id);
+    return 0;
+}
+#endif  // OFF_CPU

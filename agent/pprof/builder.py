@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from agent.gcpause import cycle_collection_paused
-from agent.model import Frame, Location, ProfileSample
+from agent.model import CPU, OFF_CPU, Frame, Location, ProfileSample
 from agent.pprof.proto import profile_pb2
 
 KERNEL_MAPPING_NAME = "[kernel.kallsyms]"
@@ -206,16 +206,31 @@ class _ProfileTables:
             self.profile.string_table.extend(_SURROGATE.sub("\ufffd", s) for s in self.strings)
 
 
+# Sample types by profile kind; the second is also the period type.
+SAMPLE_TYPES = {
+    CPU: (("samples", "count"), ("cpu", "nanoseconds")),
+    OFF_CPU: (("samples", "count"), ("off_cpu", "nanoseconds")),
+}
+
+
 def build_pprof(
-    samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
+    samples: Sequence[ProfileSample],
+    start_ns: int,
+    duration_ns: int,
+    period_ns: int,
+    kind: str = CPU,
 ) -> bytes:
     """The gzipped, serialized pprof Profile of `samples` (what every sink ships)."""
-    data = encode_profile(samples, start_ns, duration_ns, period_ns)
+    data = encode_profile(samples, start_ns, duration_ns, period_ns, kind)
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
 
 
 def encode_profile(
-    samples: Sequence[ProfileSample], start_ns: int, duration_ns: int, period_ns: int
+    samples: Sequence[ProfileSample],
+    start_ns: int,
+    duration_ns: int,
+    period_ns: int,
+    kind: str = CPU,
 ) -> bytes:
     """The serialized Profile, byte for byte what protobuf's serializer would write.
 
@@ -226,19 +241,21 @@ def encode_profile(
     head = profile_pb2.Profile()
     tail = profile_pb2.Profile(time_nanos=start_ns, duration_nanos=duration_ns, period=period_ns)
     tables = _ProfileTables(tail)
-    for kind, unit in (("samples", "count"), ("cpu", "nanoseconds")):
-        head.sample_type.add(type=tables.string(kind), unit=tables.string(unit))
-    tail.period_type.type = tables.string("cpu")
+    for name, unit in SAMPLE_TYPES[kind]:
+        head.sample_type.add(type=tables.string(name), unit=tables.string(unit))
+    tail.period_type.type = tables.string(SAMPLE_TYPES[kind][1][0])
     tail.period_type.unit = tables.string("nanoseconds")
     with cycle_collection_paused():  # a bytes object or two per sample, no cycles
-        encoded = _encode_samples(samples, tables, period_ns)
+        encoded = _encode_samples(samples, tables, None if kind == OFF_CPU else period_ns)
     tables.finish()
     return head.SerializeToString() + encoded + tail.SerializeToString()
 
 
 def _encode_samples(
-    samples: Sequence[ProfileSample], tables: _ProfileTables, period_ns: int
+    samples: Sequence[ProfileSample], tables: _ProfileTables, period_ns: int | None
 ) -> bytes:
+    """Sample fields; the second value is count * period_ns, or with no period (off-CPU)
+    the sample's own nanoseconds."""
     # Hot loop: most locations repeat (the symbolizer hands out the same Location object
     # for a process's repeated frames), so their ids' varints are found by object, in C
     # (map, join), and only a stack with a location not seen yet calls out per location.
@@ -250,10 +267,17 @@ def _encode_samples(
             ids = b"".join(map(known, map(id, sample.locations)))
         except KeyError:
             ids = b"".join(map(location_varint, sample.locations))
-        value = values.get(sample.count)
-        if value is None:
-            cpu = min(sample.count * period_ns, INT64_MAX)
-            value = values[sample.count] = _field(SAMPLE_VALUE, varint(sample.count) + varint(cpu))
+        if period_ns is None:
+            nanoseconds = min(sample.nanoseconds, INT64_MAX)
+            value = _field(SAMPLE_VALUE, varint(sample.count) + varint(nanoseconds))
+        else:
+            cached = values.get(sample.count)
+            if cached is None:
+                cpu = min(sample.count * period_ns, INT64_MAX)
+                cached = values[sample.count] = _field(
+                    SAMPLE_VALUE, varint(sample.count) + varint(cpu)
+                )
+            value = cached
         body = (_field(SAMPLE_LOCATION_ID, ids) if ids else b"") + value + tables.labels(sample)
         out.append(_field(PROFILE_SAMPLE, body))
     return b"".join(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from agent.model import StackSample
 from agent.python.frames import PY_MARKER, split_words
@@ -43,6 +44,16 @@ UNWIND_STATS = (
     "python_tail_call_failed",  # no tail call left for the Python walker: native frames only
 )
 
+# Index order of the BPF `off_cpu_stats` array (enum off_cpu_stat in bpf/profile.bpf.c).
+OFF_CPU_STATS = (
+    "switches",  # voluntary switch-outs of user threads (the thread blocks)
+    "not_sampled",  # of those, skipped by --off-cpu-sample-every
+    "kernel_thread",  # switch-outs of kernel threads: never recorded
+    "short",  # blocked intervals under --off-cpu-min-block: dropped
+    "counted",  # blocked intervals counted
+    "counts_full",  # blocked intervals lost: the off-CPU counts map had no room
+)
+
 EVENT_FIRST_SAMPLE = 0
 EVENT_EXEC = 1
 EVENT_UNKNOWN_MAPPING = 2  # the table walker met unmapped code: re-read the process's maps
@@ -60,6 +71,23 @@ class RawCount:
     comm: bytes  # NUL-padded, as the kernel wrote it
     count: int
     tid: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawOffCpu:
+    """One entry of the BPF off-CPU counts map: blocked intervals of one stack."""
+
+    slot: int
+    pid: int
+    user_stack_id: int  # a stack hash; < 0: none
+    kernel_stack_id: int
+    comm: bytes
+    count: int  # intervals
+    nanoseconds: int  # their total length
+    tid: int
+
+
+Entry = TypeVar("Entry", RawCount, RawOffCpu)
 
 
 @dataclass(frozen=True)
@@ -86,7 +114,7 @@ def stack_addresses(ips: Iterable[int]) -> tuple[int, ...]:
     return tuple(addresses)
 
 
-def entries_of_slot(entries: Iterable[RawCount], slot: int) -> list[RawCount]:
+def entries_of_slot(entries: Iterable[Entry], slot: int) -> list[Entry]:
     return [entry for entry in entries if entry.slot == slot]
 
 
@@ -137,6 +165,40 @@ def to_stack_samples(
         python = python_stacks.get(user_id, ()) if python_stacks and user_id >= 0 else ()
         samples.append(StackSample(pid, tid, comm, user, kernel, count, python))
     return tuple(samples)
+
+
+def to_off_cpu_samples(
+    entries: Iterable[RawOffCpu],
+    user_stacks: Mapping[int, tuple[int, ...]],
+    kernel_stacks: Mapping[int, tuple[int, ...]],
+    python_stacks: Mapping[int, tuple[int, ...]] | None = None,
+    scale: int = 1,
+) -> tuple[tuple[StackSample, ...], int]:
+    """Off-CPU entries as StackSamples (count: intervals, nanoseconds: blocked time),
+    each scaled by `scale` (one voluntary switch in `scale` was recorded), and the number
+    of intervals dropped because the LRU had evicted a stack they name."""
+    samples, evicted = [], 0
+    for entry in entries:
+        user_id, kernel_id = entry.user_stack_id, entry.kernel_stack_id
+        if (user_id >= 0 and user_id not in user_stacks) or (
+            kernel_id >= 0 and kernel_id not in kernel_stacks
+        ):
+            evicted += entry.count
+            continue
+        samples.append(
+            StackSample(
+                pid=entry.pid,
+                tid=entry.tid,
+                comm=decode_comm(entry.comm),
+                user_stack=user_stacks.get(user_id, ()) if user_id >= 0 else (),
+                kernel_stack=kernel_stacks.get(kernel_id, ()) if kernel_id >= 0 else (),
+                count=entry.count * scale,
+                python_stack=python_stacks.get(user_id, ()) if python_stacks else (),
+                nanoseconds=entry.nanoseconds * scale,
+            )
+        )
+    samples.sort(key=lambda s: (-s.nanoseconds, s.pid, s.comm, s.user_stack, s.kernel_stack))
+    return tuple(samples), evicted
 
 
 def _order(item: tuple[tuple[int, bytes, int, int], list[int]]) -> tuple[int, int, bytes, int, int]:

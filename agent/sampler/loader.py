@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from agent.sampler import bpf_syscalls
@@ -27,9 +27,11 @@ from agent.sampler.bpf_map import BpfMap
 from agent.sampler.compile_child import CompiledProgram
 from agent.sampler.convert import (
     LOST_REASONS,
+    OFF_CPU_STATS,
     UNWIND_STATS,
     PidEvent,
     RawCount,
+    RawOffCpu,
     stack_addresses,
 )
 from agent.sampler.kernel_headers import HeaderChoice, default_cache_dir, find_kernel_headers
@@ -44,6 +46,8 @@ _PACKAGED_BPF = Path(__file__).resolve().parents[1] / "bpf" / "profile.bpf.c"
 
 CONTROL_SLOT = 0  # enum control_index in the BPF program
 CONTROL_PID_FILTER = 1
+CONTROL_OFFCPU_MIN_US = 2
+CONTROL_OFFCPU_SAMPLE_EVERY = 3
 DEFAULT_COUNTS_ENTRIES = 65536  # 56 bytes a key+value: 3.5 MiB, room for 20k+ stacks
 DEFAULT_STACK_ENTRIES = 16384  # per slot; a stack-map entry is ~1 KiB (127 frames)
 USER_STACK_ENTRIES = 65536  # per slot, table-walked stacks; allocated on use, 1 KiB each
@@ -51,6 +55,9 @@ SEEN_ENTRIES = 65536
 EVENT_PAGES = 64  # ring buffer of 256 KiB: ~16k pid events between polls
 DEFAULT_UNWIND_ROWS = 2_000_000  # 8 bytes each: 16 MB of unwind table rows
 DEFAULT_UNWIND_MAPPINGS = 262_144  # LPM trie entries (pid, address prefix); allocated on use
+OFF_CPU_THREADS = 16_384  # threads blocked at once that can be tracked (LRU, 64 B each)
+# Distinct stacks of blocked threads (LRU, preallocated: ~1.5 KiB user + 1 KiB kernel each)
+OFF_CPU_STACKS = 2_048
 ROW_WRITE_BATCH = 65_536
 COMPILE_TIMEOUT_SECONDS = 120.0
 MAPS = ("counts", "stacks0", "stacks1", "control", "lost", "seen", "pid_events")
@@ -64,11 +71,14 @@ UNWIND_MAPS = (
     "unwind_programs",
 )
 TRACEPOINTS = {"sched_process_exec": "on_exec", "sched_process_exit": "on_exit"}
+OFF_CPU_TRACEPOINT = ("sched_switch", "on_sched_switch")
 
 # Layouts of bpf/profile.bpf.c (native byte order; "x" is the compiler's padding).
 SAMPLE_KEY = struct.Struct("=IIqi16s4x")  # slot, pid, user_stack_id, kernel_stack_id, comm
 SAMPLE_VALUE = struct.Struct("=QI4x")  # count, tid
 PID_EVENT = struct.Struct("=IIQ")  # pid, kind, address
+OFF_CPU_KEY = struct.Struct("=IIqq16s")  # slot, pid, user_stack_id, kernel_stack_id, comm
+OFF_CPU_VALUE = struct.Struct("=QQI4x")  # count, ns, tid
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 MAPPING_VALUE = struct.Struct("=QII")  # bias, first_row, row_count
@@ -90,6 +100,7 @@ def load_sampler_program(
     headers: HeaderChoice | None = None,
     cache_dir: Path | None = None,
     python_frames: bool = False,
+    off_cpu: bool = False,
 ) -> SamplerProgram:
     """Compile and load the sampler in a child process (not attached yet: `attach()`).
 
@@ -98,7 +109,8 @@ def load_sampler_program(
     KernelHeadersError when no headers are usable, BpfCompileError when the compiler
     or the kernel refuses the program. The compiled program is kept under
     cache_dir/bpf (default_cache_dir() when None): a later start loads it with no compile.
-    python_frames (with unwind_rows > 0) adds the CPython frame walker.
+    python_frames (with unwind_rows > 0) adds the CPython frame walker; off_cpu the
+    sched_switch program that records blocked time (with the same walkers).
     """
     if frequency <= 0:
         raise ValueError(f"sampling frequency must be positive, got {frequency}")
@@ -128,6 +140,19 @@ def load_sampler_program(
             cflags.append("-DPYTHON_FRAMES")
             programs["unwind_python"] = "perf_event"
             tail_calls["unwind_programs"][1] = "unwind_python"
+    if off_cpu:
+        cflags += [
+            "-DOFF_CPU",
+            f"-DOFFCPU_THREADS={OFF_CPU_THREADS}",
+            f"-DOFFCPU_STACKS={OFF_CPU_STACKS}",
+        ]
+        programs["on_sched_switch"] = "raw_tracepoint"
+        if unwind_rows > 0:  # the walkers again, as raw-tracepoint programs
+            programs["off_cpu_unwind_user"] = "raw_tracepoint"
+            tail_calls["off_cpu_programs"] = {0: "off_cpu_unwind_user"}
+            if python_frames:
+                programs["off_cpu_unwind_python"] = "raw_tracepoint"
+                tail_calls["off_cpu_programs"][1] = "off_cpu_unwind_python"
     compiled = compile_or_load(
         bpf_source_path().read_text(),
         cflags,
@@ -167,6 +192,10 @@ class SamplerProgram:
         self._unwind_stats = compiled.map("unwind_stats") if unwind_rows else None
         self._py_procs = compiled.map("py_procs") if "py_procs" in compiled.maps else None
         self._control = _checked(compiled.map("control"), U32.size, U32.size)
+        self.off_cpu = "off_cpu_counts" in compiled.maps
+        if self.off_cpu:
+            _checked(compiled.map("off_cpu_counts"), OFF_CPU_KEY.size, OFF_CPU_VALUE.size)
+            self._off_cpu_stats = compiled.map("off_cpu_stats")
         self._lost = _checked(compiled.map("lost"), U32.size, U64.size)
         self._ring: RingBuffer | None = None
         self._attachments: list[int] = []  # perf event and raw tracepoint fds
@@ -181,7 +210,10 @@ class SamplerProgram:
         programs = self._compiled.programs
         self._ring = self._compiled.ring_buffer("pid_events")
         # Raw tracepoints: unlike tracepoints they need no mounted tracefs.
-        for tracepoint, function in TRACEPOINTS.items():
+        tracepoints = dict(TRACEPOINTS)
+        if self.off_cpu:
+            tracepoints[OFF_CPU_TRACEPOINT[0]] = OFF_CPU_TRACEPOINT[1]
+        for tracepoint, function in tracepoints.items():
             fd = bpf_syscalls.raw_tracepoint_open(tracepoint, programs[function])
             self._attachments.append(fd)
         for cpu in bpf_syscalls.online_cpus():
@@ -195,6 +227,48 @@ class SamplerProgram:
 
     def set_pid_filter(self, pid: int | None) -> None:
         self._set_control(CONTROL_PID_FILTER, pid or 0)
+
+    def set_off_cpu(self, min_block_us: int, sample_every: int) -> None:
+        """Count blocked intervals of at least min_block_us, of one voluntary switch in
+        sample_every (before attach, or at any time: the program reads them per event)."""
+        self._set_control(CONTROL_OFFCPU_MIN_US, min_block_us)
+        self._set_control(CONTROL_OFFCPU_SAMPLE_EVERY, sample_every)
+
+    def read_off_cpu_counts(self) -> list[RawOffCpu]:
+        """Every entry of the off-CPU counts map (both slots)."""
+        table = self._compiled.map("off_cpu_counts")
+        key_of, value_of = OFF_CPU_KEY.unpack, OFF_CPU_VALUE.unpack
+        return [RawOffCpu(*key_of(k), *value_of(v)) for k, v in table.lookup_batch()]
+
+    def delete_off_cpu_counts(self, entries: Sequence[RawOffCpu]) -> None:
+        self._compiled.map("off_cpu_counts").delete_batch(
+            OFF_CPU_KEY.pack(e.slot, e.pid, e.user_stack_id, e.kernel_stack_id, e.comm)
+            for e in entries
+        )
+
+    def read_off_cpu_stacks(
+        self, user_ids: Iterable[int], kernel_ids: Iterable[int]
+    ) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+        """The off-CPU stacks of these ids (user, kernel); an id the LRU evicted is absent."""
+        user_table = self._compiled.map("off_cpu_user_stacks")
+        kernel_table = self._compiled.map("off_cpu_kernel_stacks")
+        user, kernel = {}, {}
+        for stack_id in user_ids:
+            value = user_table.lookup(U64.pack(stack_id))
+            if value is not None:
+                length = min(U64.unpack_from(value)[0], len(value) // 8 - 1)
+                user[stack_id] = _words(length).unpack_from(value, 8)
+        for stack_id in kernel_ids:
+            value = kernel_table.lookup(U64.pack(stack_id))
+            if value is not None:
+                kernel[stack_id] = stack_addresses(_words(len(value) // 8).unpack(value))
+        return user, kernel
+
+    def read_off_cpu_stats(self) -> tuple[int, ...]:
+        """Cumulative off-CPU counters (summed over CPUs), in OFF_CPU_STATS order."""
+        if not self.off_cpu:
+            return (0,) * len(OFF_CPU_STATS)
+        return _percpu_sums(self._off_cpu_stats, len(OFF_CPU_STATS))
 
     def _set_control(self, index: int, value: int) -> None:
         self._control.update(U32.pack(index), U32.pack(value))

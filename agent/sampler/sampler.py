@@ -24,24 +24,32 @@ Python frames (`python_frames`, with tables): the same workers tell the BPF walk
 which processes run CPython (agent/python/); the walker's code-object events are read
 here as they are polled, and each drained stack keeps its Python words apart
 (StackSample.python_stack) for the merge after symbolization.
+
+Off-CPU (`off_cpu`): a sched_switch program records where threads block and for how
+long (bpf/profile.bpf.c, "Off-CPU time"); each drain also returns those intervals
+(Window.off_cpu), their stacks read by hash from the kernel's LRU maps.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from prometheus_client import Counter
+
 from agent import metrics
 from agent.gcpause import cycle_collection_paused
-from agent.model import ProcessInfo, Window
+from agent.model import ProcessInfo, StackSample, Window
 from agent.python.unwinder import PythonUnwinder
 from agent.sampler.convert import (
     EVENT_FIRST_SAMPLE,
     EVENT_PYTHON_CODE,
     LOST_REASONS,
+    OFF_CPU_STATS,
     SAMPLE_LOSS_REASONS,
     UNWIND_STATS,
     NewProcess,
@@ -50,6 +58,7 @@ from agent.sampler.convert import (
     lost_deltas,
     new_processes,
     split_python_stacks,
+    to_off_cpu_samples,
     to_stack_samples,
 )
 from agent.sampler.kernel_headers import find_kernel_headers
@@ -72,6 +81,15 @@ UNWINDERS = ("fp", "dwarf", "auto")
 FLIP_GRACE_SECONDS = 0.005
 
 
+@dataclass(frozen=True)
+class OffCpuSettings:
+    """What off-CPU time to record: intervals of at least min_block_us, of one voluntary
+    context switch in sample_every (values are scaled back up by it)."""
+
+    min_block_us: int = 1000
+    sample_every: int = 1
+
+
 class Sampler:
     """Samples on-CPU stacks of every process (or one, with `pid`) at `frequency` Hz."""
 
@@ -87,11 +105,13 @@ class Sampler:
         cache_dir: str | Path | None = None,
         read_process: Callable[[int], ProcessInfo | None] | None = None,
         python: PythonUnwinder | None = None,
+        off_cpu: OffCpuSettings | None = None,
     ) -> None:
         """read_process: how the unwind workers read a pid (default: /proc, afresh);
         the pipeline passes its process cache's, which reuses a capture just made.
         python: walk CPython frames too and tell it about them (needs the table
-        unwinder; with frame pointers only it stays idle)."""
+        unwinder; with frame pointers only it stays idle).
+        off_cpu: also record blocked time (Window.off_cpu)."""
         if frequency <= 0:
             raise ValueError(f"sampling frequency must be positive, got {frequency}")
         if pid is not None and pid <= 0:
@@ -109,6 +129,8 @@ class Sampler:
         self._cache_dir = Path(cache_dir) if cache_dir else None  # headers tree, programs
         self._read_process = read_process
         self._python = python
+        self._off_cpu = off_cpu
+        self._off_cpu_seen: tuple[int, ...] = ()
         self._program: SamplerProgram | None = None
         self._unwind_worker: UnwindWorker | None = None
         self._unwind_seen: tuple[int, ...] = ()
@@ -125,6 +147,9 @@ class Sampler:
         program = self._load_program()
         try:
             program.set_slot(self._slot)
+            if self._off_cpu is not None:
+                program.set_off_cpu(self._off_cpu.min_block_us, self._off_cpu.sample_every)
+                self._off_cpu_seen = program.read_off_cpu_stats()
             self._lost_seen = program.read_lost()
             self._unwind_seen = program.read_unwind_stats()
             if program.table_unwinding:
@@ -155,6 +180,7 @@ class Sampler:
                 headers=headers,
                 cache_dir=self._cache_dir,
                 python_frames=self._python is not None and unwind_rows > 0,
+                off_cpu=self._off_cpu is not None,
             )
 
         if self.unwinder == "fp":
@@ -237,13 +263,32 @@ class Sampler:
         if program.table_unwinding:
             program.delete_user_stacks(old_slot, list(user_stacks))
         lost = self._take_lost(program)
+        off_cpu = self._drain_off_cpu(program, old_slot) if program.off_cpu else ()
 
-        window = Window(start_ns=self._window_start_ns, end_ns=end_ns, samples=samples, lost=lost)
+        window = Window(self._window_start_ns, end_ns, samples, lost, off_cpu)
         self._window_start_ns = end_ns
         _record_metrics(window, program, len(entries), len(stacks))
         if program.table_unwinding:
             self._record_unwind_fill(program, len(user_stacks))
         return window
+
+    def _drain_off_cpu(self, program: SamplerProgram, slot: int) -> tuple[StackSample, ...]:
+        with cycle_collection_paused():
+            entries = entries_of_slot(program.read_off_cpu_counts(), slot)
+            user, kernel = program.read_off_cpu_stacks(
+                {e.user_stack_id for e in entries if e.user_stack_id >= 0},
+                {e.kernel_stack_id for e in entries if e.kernel_stack_id >= 0},
+            )
+            python = split_python_stacks(user) if self._python else {}
+            scale = self._off_cpu.sample_every if self._off_cpu else 1
+            samples, evicted = to_off_cpu_samples(entries, user, kernel, python, max(scale, 1))
+        program.delete_off_cpu_counts(entries)
+        current = program.read_off_cpu_stats()
+        export_deltas(metrics.OFF_CPU_EVENTS, OFF_CPU_STATS, self._off_cpu_seen, current)
+        self._off_cpu_seen = current
+        if evicted:
+            metrics.OFF_CPU_EVENTS.labels("stack_evicted").inc(evicted)
+        return samples
 
     def _record_unwind_fill(self, program: SamplerProgram, user_stacks: int) -> None:
         fill = fill_ratio(user_stacks, program.user_stacks_capacity)
@@ -255,11 +300,8 @@ class Sampler:
             metrics.MAP_FILL.labels("unwind_rows").set(rows)
             metrics.UNWIND_TABLES_REFUSED.set(stats.refused_tables)
         current = program.read_unwind_stats()
-        previous = self._unwind_exported or (0,) * len(current)
+        export_deltas(metrics.UNWIND_WALK_EVENTS, UNWIND_STATS, self._unwind_exported, current)
         self._unwind_exported = current
-        for name, now, before in zip(UNWIND_STATS, current, previous, strict=True):
-            if now > before:
-                metrics.UNWIND_WALK_EVENTS.labels(name).inc(now - before)
 
     def bpf_run_stats(self) -> dict[str, tuple[int, int]]:
         """Program -> (run_time_ns, run_cnt); counted only with kernel.bpf_stats_enabled=1."""
@@ -309,6 +351,16 @@ class Sampler:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def export_deltas(
+    counter: Counter, names: Sequence[str], previous: Sequence[int], current: Sequence[int]
+) -> None:
+    """Add each BPF counter's growth since `previous` (empty: since 0) to its labelled child."""
+    previous = previous or (0,) * len(current)
+    for name, now, before in zip(names, current, previous, strict=True):
+        if now > before:
+            counter.labels(name).inc(now - before)
 
 
 def _record_metrics(

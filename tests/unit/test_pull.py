@@ -23,7 +23,7 @@ PERIOD_NS = 10_000_000  # 100 Hz
 TOKEN = "pull-test-token"
 
 
-def fake_profile(seconds: float, pid: int | None) -> bytes:
+def fake_profile(seconds: float, pid: int | None, kind: str = "cpu") -> bytes:
     """A real pprof, as the daemon's capture would give, with the request in the names."""
     leaf = f"work_for_{seconds:g}s_pid_{pid or 'all'}"
     samples = [
@@ -48,7 +48,7 @@ class FakeCapture:
         self.started = threading.Event()
         self.release = release
 
-    def __call__(self, seconds: float, pid: int | None) -> bytes:
+    def __call__(self, seconds: float, pid: int | None, kind: str = "cpu") -> bytes:
         self.calls.append((seconds, pid))
         self.started.set()
         if self.release is not None:
@@ -157,7 +157,7 @@ def test_a_concurrent_request_gets_429(server: AdminServer) -> None:
 def test_a_failing_capture_answers_500_and_frees_the_endpoint(server: AdminServer) -> None:
     calls = 0
 
-    def flaky(seconds: float, pid: int | None) -> bytes:
+    def flaky(seconds: float, pid: int | None, kind: str = "cpu") -> bytes:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -227,7 +227,7 @@ def test_a_pulled_profile_has_no_raw_kernel_address(server: AdminServer) -> None
     user = Location(0x401100, EXE, frames=(Frame("main", "app.c", 30),))
     samples = [ProfileSample((unnamed, named, user), 3, (("pid", "1"),), 1)]
 
-    def capture(seconds: float, pid: int | None) -> bytes:
+    def capture(seconds: float, pid: int | None, kind: str = "cpu") -> bytes:
         scrubbed = without_kernel_addresses(samples)
         return build_pprof(scrubbed, time.time_ns(), int(seconds * 1e9), PERIOD_NS)
 

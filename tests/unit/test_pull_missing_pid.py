@@ -13,7 +13,7 @@ def test_missing_pid_is_a_404_with_one_line() -> None:
     child.wait()  # reaped: its pid names no process now
     calls: list[tuple[float, int | None]] = []
 
-    def capture(seconds: float, pid: int | None) -> bytes:
+    def capture(seconds: float, pid: int | None, kind: str = "cpu") -> bytes:
         calls.append((seconds, pid))
         return b""
 

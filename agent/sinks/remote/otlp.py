@@ -11,7 +11,9 @@ opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export
   profile attributes under their own names.
 - One Profile: sample_type samples/count, period_type cpu/nanoseconds, period =
   CPU ns one sample stands for; time_unix_nano/duration_nano from the window; a random
-  profile_id (fixed at encode time, so a resend carries the same id).
+  profile_id (fixed at encode time, so a resend carries the same id). An off-CPU
+  profile: sample_type and period_type off_cpu/nanoseconds, period 0, values = [blocked
+  ns], and the profile attribute profile_type=off-cpu (a series label).
 - Samples: values = [count]; attributes process.pid (int), and the sample's labels
   (comm -> thread.name, tid -> thread.id, others as they are). Identical
   (stack, attributes) pairs are merged.
@@ -43,7 +45,7 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as prof
 from opentelemetry.proto.resource.v1 import resource_pb2 as resource
 
 from agent.gcpause import cycle_collection_paused
-from agent.model import Location, Mapping, ProfileSample, SeriesProfile, valid_utf8
+from agent.model import OFF_CPU, Location, Mapping, ProfileSample, SeriesProfile, valid_utf8
 
 METHOD = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
 SCOPE_NAME = "strobe"
@@ -465,9 +467,10 @@ def sample_attributes(sample: ProfileSample) -> list[tuple[str, AttrValue]]:
 
 
 def merge_samples(
-    samples: Sequence[ProfileSample], tables: Dictionary
+    samples: Sequence[ProfileSample], tables: Dictionary, off_cpu: bool = False
 ) -> dict[tuple[int, tuple[int, ...]], int]:
-    """(stack index, attribute indices) -> summed count, in first-seen order."""
+    """(stack index, attribute indices) -> summed count (off-CPU: summed blocked ns), in
+    first-seen order."""
     by_labels: dict[tuple[tuple[tuple[str, str], ...], int], tuple[int, ...]] = {}
     merged: dict[tuple[int, tuple[int, ...]], int] = {}
     stack_of = tables.stack
@@ -479,7 +482,7 @@ def merge_samples(
                 [tables.attribute(k, v) for k, v in sample_attributes(sample)]
             )
         key = (stack, attributes)
-        merged[key] = merged.get(key, 0) + sample.count
+        merged[key] = merged.get(key, 0) + (sample.nanoseconds if off_cpu else sample.count)
     return merged
 
 
@@ -533,17 +536,20 @@ def encode(profile: SeriesProfile, node: str, version: str | None = None) -> byt
 
 def _encode(profile: SeriesProfile, node: str, version: str) -> bytes:
     tables = Dictionary()
+    off_cpu = profile.kind == OFF_CPU
+    value_type = ("off_cpu", "nanoseconds") if off_cpu else ("samples", "count")
     head = prof.Profile(
         sample_type=prof.ValueType(
-            type_strindex=tables.string("samples"), unit_strindex=tables.string("count")
+            type_strindex=tables.string(value_type[0]), unit_strindex=tables.string(value_type[1])
         )
     )
-    samples = _samples(merge_samples(profile.samples, tables), tables.varints)
+    samples = _samples(merge_samples(profile.samples, tables, off_cpu), tables.varints)
     tail = prof.Profile(
         time_unix_nano=profile.start_ns,
         duration_nano=profile.duration_ns,
         period_type=prof.ValueType(
-            type_strindex=tables.string("cpu"), unit_strindex=tables.string("nanoseconds")
+            type_strindex=tables.string("off_cpu" if off_cpu else "cpu"),
+            unit_strindex=tables.string("nanoseconds"),
         ),
         period=profile.period_ns,
         profile_id=uuid.uuid4().bytes,

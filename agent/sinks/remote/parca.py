@@ -18,10 +18,13 @@ How the data maps to series:
 
 from __future__ import annotations
 
-from agent.model import SeriesProfile, valid_utf8
+from agent.model import OFF_CPU, SeriesProfile, valid_utf8
 from agent.sinks.proto import profilestore_pb2 as pb
 
 PROFILE_NAME = "parca_agent_cpu"
+# Off-CPU profiles get their own name, so Parca lists them as a type of their own
+# (parca_agent_offcpu:off_cpu:nanoseconds:off_cpu:nanoseconds:delta) beside on-CPU.
+OFF_CPU_PROFILE_NAME = "parca_agent_offcpu"
 METHOD = "/parca.profilestore.v1alpha1.ProfileStoreService/WriteRaw"
 
 
@@ -30,7 +33,7 @@ def series_labels(profile: SeriesProfile, node: str) -> list[tuple[str, str]]:
     labels = {name: value for name, value in profile.labels if name != "__name__" and value}
     if node and "node" not in labels:
         labels["node"] = node
-    labels["__name__"] = PROFILE_NAME
+    labels["__name__"] = OFF_CPU_PROFILE_NAME if profile.kind == OFF_CPU else PROFILE_NAME
     return sorted(labels.items())
 
 
