@@ -248,7 +248,8 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 // Intervals under CONTROL_OFFCPU_MIN_US are dropped; the rest add (1, ns) under the
 // current slot in off_cpu_counts. The stacks live in the LRU maps, not in a slot's
 // maps, so an interval that spans a window flip keeps its stacks; user space reads
-// them by hash at the drain. Compile-time: OFFCPU_THREADS, OFFCPU_STACKS.
+// them by hash at the drain. Compile-time: OFFCPU_THREADS, OFFCPU_STACKS, and
+// SCHED_SWITCH_PREV_STATE on kernels >= 5.18, whose tracepoint passes prev_state.
 
 // Keep in step with OFF_CPU_STATS in agent/sampler/convert.py.
 enum off_cpu_stat {
@@ -1099,6 +1100,10 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
     off_cpu_account(tid, current_since);
     if (ctx->args[0])
         return 0;  // preempted: still runnable, not waiting for anything
+#ifdef SCHED_SWITCH_PREV_STATE
+    if ((u32)ctx->args[3] == 0)
+        return 0;  // TASK_RUNNING: a yield, or rescheduled on the way back to user mode
+#endif
     u32 filter = control_value(CONTROL_PID_FILTER);
     if (filter != 0 && pid != filter)
         return 0;

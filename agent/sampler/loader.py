@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -146,6 +147,8 @@ def load_sampler_program(
             f"-DOFFCPU_THREADS={OFF_CPU_THREADS}",
             f"-DOFFCPU_STACKS={OFF_CPU_STACKS}",
         ]
+        if kernel_at_least(os.uname().release, (5, 18)):  # sched_switch got prev_state
+            cflags.append("-DSCHED_SWITCH_PREV_STATE")
         programs["on_sched_switch"] = "raw_tracepoint"
         if unwind_rows > 0:  # the walkers again, as raw-tracepoint programs
             programs["off_cpu_unwind_user"] = "raw_tracepoint"
@@ -401,6 +404,12 @@ class SamplerProgram:
         if self._ring is not None:
             self._ring.close()
         self._compiled.close()
+
+
+def kernel_at_least(release: str, version: tuple[int, int]) -> bool:
+    """Whether a kernel release string ("6.18.44-fc-v1300") is at least major.minor."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= version
 
 
 def _checked(bpf_map: BpfMap, key_size: int, value_size: int) -> BpfMap:
