@@ -64,7 +64,9 @@ PROFILE_TYPE_LABEL = "profile_type"  # off-CPU series carry it; on-CPU series ke
 
 
 def off_cpu_labels(labels: Labels) -> Labels:
-    return tuple(sorted((*labels, (PROFILE_TYPE_LABEL, OFF_CPU))))
+    """The series' labels and profile_type="off-cpu" (over any relabeled profile_type)."""
+    kept = [(name, value) for name, value in labels if name != PROFILE_TYPE_LABEL]
+    return tuple(sorted((*kept, (PROFILE_TYPE_LABEL, OFF_CPU))))
 
 
 def profile_samples(

@@ -31,7 +31,7 @@ from agent.pull import PullEndpoint
 from agent.record import flamegraph_of
 from agent.sampler.convert import RawOffCpu, to_off_cpu_samples
 from agent.sampler.sampler import OffCpuSettings
-from agent.session import Stages, merged_profile, window_profiles
+from agent.session import Stages, merged_profile, off_cpu_labels, window_profiles
 from agent.sinks.proto import profilestore_pb2 as pb
 from agent.sinks.remote import otlp, parca
 from tests.unit import test_pull
@@ -218,6 +218,11 @@ def test_merged_profile_takes_one_kind() -> None:
     assert sum(s.value[1] for s in parse_pprof(off.pprof).sample) == 42_000_000
     only_cpu = [p for p in profiles if p.kind == CPU]
     assert merged_profile(only_cpu, kind=OFF_CPU) is None
+
+
+def test_a_relabeled_profile_type_gives_way_to_off_cpu() -> None:
+    labels = off_cpu_labels((("node", "n1"), ("profile_type", "cpu")))
+    assert labels == (("node", "n1"), ("profile_type", "off-cpu"))
 
 
 # --- sinks: Parca and OTLP ------------------------------------------------------------
