@@ -253,9 +253,9 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 
 // Keep in step with OFF_CPU_STATS in agent/sampler/convert.py.
 enum off_cpu_stat {
-    OFFCPU_SWITCHES,       // voluntary switch-outs of user processes seen
+    OFFCPU_SWITCHES,       // voluntary switch-outs seen
     OFFCPU_NOT_SAMPLED,    // of those, skipped by CONTROL_OFFCPU_SAMPLE_EVERY
-    OFFCPU_KERNEL_THREAD,  // of those, kernel threads (no user stack): not recorded
+    OFFCPU_KERNEL_THREAD,  // of those sampled, kernel threads (no user stack): not recorded
     OFFCPU_SHORT,          // intervals under the minimum: dropped
     OFFCPU_COUNTED,        // intervals counted
     OFFCPU_COUNTS_FULL,    // intervals lost: off_cpu_counts had no room
@@ -1107,15 +1107,15 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
     u32 filter = control_value(CONTROL_PID_FILTER);
     if (filter != 0 && pid != filter)
         return 0;
-    struct pt_regs regs = {};
-    if (!task_user_registers(&regs)) {
-        count_off_cpu(OFFCPU_KERNEL_THREAD);
-        return 0;
-    }
     count_off_cpu(OFFCPU_SWITCHES);
     u32 every = control_value(CONTROL_OFFCPU_SAMPLE_EVERY);
     if (every > 1 && bpf_get_prandom_u32() % every != 0) {
         count_off_cpu(OFFCPU_NOT_SAMPLED);
+        return 0;
+    }
+    struct pt_regs regs = {};
+    if (!task_user_registers(&regs)) {
+        count_off_cpu(OFFCPU_KERNEL_THREAD);
         return 0;
     }
     u8 one = 1;

@@ -46,9 +46,9 @@ UNWIND_STATS = (
 
 # Index order of the BPF `off_cpu_stats` array (enum off_cpu_stat in bpf/profile.bpf.c).
 OFF_CPU_STATS = (
-    "switches",  # voluntary switch-outs of user threads (the thread blocks)
+    "switches",  # voluntary switch-outs (the thread blocks)
     "not_sampled",  # of those, skipped by --off-cpu-sample-every
-    "kernel_thread",  # switch-outs of kernel threads: never recorded
+    "kernel_thread",  # of those sampled, kernel threads: not recorded
     "short",  # blocked intervals under --off-cpu-min-block: dropped
     "counted",  # blocked intervals counted
     "counts_full",  # blocked intervals lost: the off-CPU counts map had no room
