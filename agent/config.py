@@ -266,12 +266,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DURATION",
     ),
     Option(
-        "off_cpu_sample_every",
-        int_in(1, 1_000_000),
-        1,
-        "With --off-cpu: record one voluntary context switch in N, chosen at random, and "
-        "scale its count and time by N (an unbiased estimate at 1/N of the cost on nodes "
-        "with very many switches).",
+        "off_cpu_max_rate",
+        int_in(0, 1_000_000),
+        1000,
+        "With --off-cpu: blocking context switches whose stacks are walked, at most, per "
+        "second per CPU (each walk costs ~2 us). Beyond it they are sampled at random and "
+        "each counts for those it stands for (an unbiased estimate). 0: walk every one.",
         (RUN, RECORD),
         metavar="N",
     ),

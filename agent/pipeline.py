@@ -150,7 +150,7 @@ def off_cpu_settings(config: Config) -> OffCpuSettings | None:
     if not config.off_cpu:
         return None
     min_block_us = max(1, round(config.off_cpu_min_block * 1_000_000))
-    return OffCpuSettings(min_block_us, config.off_cpu_sample_every)
+    return OffCpuSettings(min_block_us, config.off_cpu_max_rate)
 
 
 def build_pipeline(

@@ -1,6 +1,6 @@
 /* A context-switch storm for the off-CPU benchmarks: pipe ping-pong.
  *
- *   offcpu_pingpong SECONDS [CPU|any]
+ *   offcpu_pingpong SECONDS [CPU|any] [WORK_US]
  *
  * The parent forks a child; they bounce one byte over two pipes (parent writes to the
  * child, child writes back) for SECONDS (default 5), then the parent prints round trips
@@ -14,6 +14,10 @@
  * placement to the scheduler: the two then often sit on different CPUs, each going idle
  * at every read, and the rate swings from run to run (17k-100k round trips/s, 62k-220k
  * switches/s on the same VM), so it is no good for comparisons.
+ *
+ * WORK_US (default 0): each side spins this many microseconds per byte it receives,
+ * like a server handling a request: it sets the switch rate (15 us: ~60k switches/s
+ * pinned) and gives the switches a realistic share of the time.
  *
  * The child exits when the parent closes its pipe end or dies (PR_SET_PDEATHSIG).
  * Errors go to stderr with exit status 1.
@@ -41,6 +45,17 @@ static double now(void) {
     return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
+static double work_seconds;
+
+/* Busy for work_seconds (the handling of one message). */
+static void work(void) {
+    if (work_seconds <= 0)
+        return;
+    double until = now() + work_seconds;
+    while (now() < until)
+        ;
+}
+
 /* One byte each way; 1 on success, 0 on end of file. */
 static int transfer(int fd, char *byte, int reading) {
     for (;;) {
@@ -57,6 +72,7 @@ static int transfer(int fd, char *byte, int reading) {
 
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 5.0;
+    work_seconds = argc > 3 ? atof(argv[3]) / 1e6 : 0.0;
     if (argc <= 2 || strcmp(argv[2], "any") != 0) {
         cpu_set_t set;
         int cpu = argc > 2 ? atoi(argv[2]) : -1;
@@ -85,8 +101,10 @@ int main(int argc, char **argv) {
         close(to_child[1]);
         close(to_parent[0]);
         char byte;
-        while (transfer(to_child[0], &byte, 1))
+        while (transfer(to_child[0], &byte, 1)) {
+            work();
             transfer(to_parent[1], &byte, 0);
+        }
         _exit(0);
     }
     close(to_child[0]);
@@ -101,6 +119,7 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "the child closed its pipe\n");
                 return 1;
             }
+            work();
         }
         elapsed = now() - start;
         if (elapsed >= seconds)

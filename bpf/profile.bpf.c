@@ -29,12 +29,13 @@
 #define NOEXIST 1      // BPF_NOEXIST
 
 // CONTROL_OFFCPU_MIN_US: blocked intervals shorter than this are not counted;
-// CONTROL_OFFCPU_SAMPLE_EVERY: record one voluntary switch in this many (0, 1: all).
+// CONTROL_OFFCPU_MAX_PER_PERIOD: blocking switches walked per CPU per OFFCPU_PERIOD_NS
+// (0: all); beyond it they are sampled at random and weighted (see on_sched_switch).
 enum control_index {
     CONTROL_SLOT,
     CONTROL_PID_FILTER,
     CONTROL_OFFCPU_MIN_US,
-    CONTROL_OFFCPU_SAMPLE_EVERY,
+    CONTROL_OFFCPU_MAX_PER_PERIOD,
     CONTROL_ENTRIES,
 };
 
@@ -245,8 +246,14 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 // only by its task_struct, so each CPU keeps the time its current task was switched
 // in, and a thread's blocked interval is counted at its next switch-out on any CPU
 // (voluntary or not, and its last one at exit): blocked = switched in - start.
-// Intervals under CONTROL_OFFCPU_MIN_US are dropped; the rest add (1, ns) under the
-// current slot in off_cpu_counts. The stacks live in the LRU maps, not in a slot's
+// Intervals under CONTROL_OFFCPU_MIN_US are dropped; the rest add (weight,
+// weight * ns) under the current slot in off_cpu_counts.
+//
+// Cost: a walk costs ~2 us, and a busy node switches 100k times a second. So each CPU
+// walks at most CONTROL_OFFCPU_MAX_PER_PERIOD blocking switches per OFFCPU_PERIOD_NS:
+// when the previous period had n > max switches, each one is walked with probability
+// 1/w (w = n / max) and counts w times: an unbiased estimate (Horvitz-Thompson) whose
+// weight is kept with the interval, so a change of w mid-interval cannot bias it. The stacks live in the LRU maps, not in a slot's
 // maps, so an interval that spans a window flip keeps its stacks; user space reads
 // them by hash at the drain. Compile-time: OFFCPU_THREADS, OFFCPU_STACKS, and
 // SCHED_SWITCH_PREV_STATE on kernels >= 5.18, whose tracepoint passes prev_state.
@@ -254,7 +261,7 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx) {
 // Keep in step with OFF_CPU_STATS in agent/sampler/convert.py.
 enum off_cpu_stat {
     OFFCPU_SWITCHES,       // voluntary switch-outs seen
-    OFFCPU_NOT_SAMPLED,    // of those, skipped by CONTROL_OFFCPU_SAMPLE_EVERY
+    OFFCPU_NOT_SAMPLED,    // of those, skipped by the rate limit (the rest are weighted)
     OFFCPU_KERNEL_THREAD,  // of those sampled, kernel threads (no user stack): not recorded
     OFFCPU_SHORT,          // intervals under the minimum: dropped
     OFFCPU_COUNTED,        // intervals counted
@@ -282,8 +289,16 @@ struct off_cpu_start {
     s64 user_stack_id;
     s64 kernel_stack_id;
     u32 pid;
-    u32 pad;
+    u32 weight;           // blocking switches this one stands for (1 / its probability)
     char comm[COMM_LEN];
+};
+
+#define OFFCPU_PERIOD_NS 100000000ULL  // the rate limit's period: 100 ms
+
+struct off_cpu_rate {
+    u64 period_start;
+    u32 switches;         // blocking switches in this period so far
+    u32 weight;           // from the previous period: walk 1 in this many
 };
 
 #define OFFCPU_TRACE_FRAMES 2  // the frames of the tracing path itself, innermost
@@ -298,6 +313,7 @@ BPF_TABLE("lru_hash", u64, struct user_stack, off_cpu_user_stacks, OFFCPU_STACKS
 BPF_TABLE("lru_hash", u64, struct kernel_stack, off_cpu_kernel_stacks, OFFCPU_STACKS);
 BPF_PERCPU_ARRAY(off_cpu_switched_in, u64, 1);  // when this CPU's current task came in
 BPF_PERCPU_ARRAY(off_cpu_stats, u64, OFFCPU_STATS);
+BPF_PERCPU_ARRAY(off_cpu_rate, struct off_cpu_rate, 1);
 BPF_PERCPU_ARRAY(off_cpu_kernel_scratch, struct kernel_stack, 1);
 #ifndef DWARF_UNWIND
 BPF_PERCPU_ARRAY(off_cpu_user_scratch, struct user_stack, 1);
@@ -343,13 +359,31 @@ static __always_inline s64 off_cpu_store_user_stack(struct user_stack *stack, u6
     return hash;
 }
 
+// This CPU's current weight (1: walk every blocking switch), counting this switch.
+static __always_inline u32 off_cpu_weight(u64 now) {
+    u32 zero = 0;
+    struct off_cpu_rate *rate = off_cpu_rate.lookup(&zero);
+    if (!rate)
+        return 1;
+    if (now - rate->period_start >= OFFCPU_PERIOD_NS) {
+        u32 max = control_value(CONTROL_OFFCPU_MAX_PER_PERIOD);
+        rate->weight = max > 0 && rate->switches > max ? rate->switches / max : 1;
+        rate->switches = 0;
+        rate->period_start = now;
+    }
+    rate->switches++;
+    return rate->weight > 0 ? rate->weight : 1;
+}
+
 static __always_inline void off_cpu_remember(u32 tid, u32 pid, char *comm, u64 start_ns,
-                                             s64 user_stack_id, s64 kernel_stack_id) {
+                                             u32 weight, s64 user_stack_id,
+                                             s64 kernel_stack_id) {
     struct off_cpu_start start = {
         .start_ns = start_ns,
         .user_stack_id = user_stack_id,
         .kernel_stack_id = kernel_stack_id,
         .pid = pid,
+        .weight = weight,
     };
     __builtin_memcpy(start.comm, comm, COMM_LEN);
     off_cpu_started.update(&tid, &start);
@@ -386,8 +420,9 @@ static __always_inline void off_cpu_account(u32 tid, u64 switched_in) {
             return;
         }
     }
-    __sync_fetch_and_add(&value->count, 1);
-    __sync_fetch_and_add(&value->ns, blocked);
+    u64 weight = start.weight > 0 ? start.weight : 1;
+    __sync_fetch_and_add(&value->count, weight);
+    __sync_fetch_and_add(&value->ns, blocked * weight);
     value->tid = tid;
     count_off_cpu(OFFCPU_COUNTED);
 }
@@ -477,7 +512,7 @@ struct unwind_state {
     u32 tid;
     u32 calls;
     u32 unknown_noted;  // an EVENT_UNKNOWN_MAPPING was considered for this sample
-    u32 off_cpu;        // an off-CPU walk (see on_sched_switch): its end differs
+    u32 off_cpu;        // an off-CPU walk (see on_sched_switch), of this weight; 0: on-CPU
     u64 off_cpu_start_ns;
     s64 off_cpu_kernel_stack_id;
     struct sample_key key;
@@ -760,8 +795,8 @@ static __always_inline void finish_user_stack(struct unwind_state *st) {
 #ifdef OFF_CPU
 static __always_inline void off_cpu_walk_done(struct unwind_state *st) {
     s64 user_stack_id = off_cpu_store_user_stack(&st->stack, st->hash);
-    off_cpu_remember(st->tid, st->key.pid, st->key.comm, st->off_cpu_start_ns, user_stack_id,
-                     st->off_cpu_kernel_stack_id);
+    off_cpu_remember(st->tid, st->key.pid, st->key.comm, st->off_cpu_start_ns, st->off_cpu,
+                     user_stack_id, st->off_cpu_kernel_stack_id);
 }
 #endif
 
@@ -1054,7 +1089,7 @@ static __always_inline int off_cpu_walk(struct bpf_raw_tracepoint_args *ctx, str
     st->hash = HASH_SEED;
     st->calls = 0;
     st->unknown_noted = 0;
-    st->off_cpu = 1;
+    st->off_cpu = start->weight;
     st->off_cpu_start_ns = start->start_ns;
     st->off_cpu_kernel_stack_id = start->kernel_stack_id;
     st->key.pid = start->pid;
@@ -1108,8 +1143,8 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
     if (filter != 0 && pid != filter)
         return 0;
     count_off_cpu(OFFCPU_SWITCHES);
-    u32 every = control_value(CONTROL_OFFCPU_SAMPLE_EVERY);
-    if (every > 1 && bpf_get_prandom_u32() % every != 0) {
+    u32 weight = off_cpu_weight(now);
+    if (weight > 1 && bpf_get_prandom_u32() % weight != 0) {
         count_off_cpu(OFFCPU_NOT_SAMPLED);
         return 0;
     }
@@ -1122,7 +1157,7 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
     if (!seen.lookup(&pid) && seen.insert(&pid, &one) == 0)
         emit_pid_event(pid, EVENT_FIRST_SAMPLE);  // so user space reads its mappings
 
-    struct off_cpu_start start = {.start_ns = now, .pid = pid};
+    struct off_cpu_start start = {.start_ns = now, .pid = pid, .weight = weight};
     bpf_get_current_comm(&start.comm, sizeof(start.comm));
     start.kernel_stack_id = off_cpu_kernel_stack(ctx);
 #ifdef DWARF_UNWIND
@@ -1131,7 +1166,8 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
 #else
     start.user_stack_id = off_cpu_frame_pointer_stack(ctx);
 #endif
-    off_cpu_remember(tid, pid, start.comm, now, start.user_stack_id, start.kernel_stack_id);
+    off_cpu_remember(tid, pid, start.comm, now, weight, start.user_stack_id,
+                     start.kernel_stack_id);
     return 0;
 }
 #endif  // OFF_CPU

@@ -47,7 +47,7 @@ UNWIND_STATS = (
 # Index order of the BPF `off_cpu_stats` array (enum off_cpu_stat in bpf/profile.bpf.c).
 OFF_CPU_STATS = (
     "switches",  # voluntary switch-outs (the thread blocks)
-    "not_sampled",  # of those, skipped by --off-cpu-sample-every
+    "not_sampled",  # of those, skipped by --off-cpu-max-rate (the others weigh for them)
     "kernel_thread",  # of those sampled, kernel threads: not recorded
     "short",  # blocked intervals under --off-cpu-min-block: dropped
     "counted",  # blocked intervals counted
@@ -172,11 +172,10 @@ def to_off_cpu_samples(
     user_stacks: Mapping[int, tuple[int, ...]],
     kernel_stacks: Mapping[int, tuple[int, ...]],
     python_stacks: Mapping[int, tuple[int, ...]] | None = None,
-    scale: int = 1,
 ) -> tuple[tuple[StackSample, ...], int]:
-    """Off-CPU entries as StackSamples (count: intervals, nanoseconds: blocked time),
-    each scaled by `scale` (one voluntary switch in `scale` was recorded), and the number
-    of intervals dropped because the LRU had evicted a stack they name."""
+    """Off-CPU entries as StackSamples (count: intervals, nanoseconds: blocked time, both
+    already weighted in the kernel), and the number of intervals dropped because the LRU
+    had evicted a stack they name."""
     samples, evicted = [], 0
     for entry in entries:
         user_id, kernel_id = entry.user_stack_id, entry.kernel_stack_id
@@ -192,9 +191,9 @@ def to_off_cpu_samples(
                 comm=decode_comm(entry.comm),
                 user_stack=user_stacks.get(user_id, ()) if user_id >= 0 else (),
                 kernel_stack=kernel_stacks.get(kernel_id, ()) if kernel_id >= 0 else (),
-                count=entry.count * scale,
+                count=entry.count,
                 python_stack=python_stacks.get(user_id, ()) if python_stacks else (),
-                nanoseconds=entry.nanoseconds * scale,
+                nanoseconds=entry.nanoseconds,
             )
         )
     samples.sort(key=lambda s: (-s.nanoseconds, s.pid, s.comm, s.user_stack, s.kernel_stack))

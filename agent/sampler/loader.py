@@ -48,7 +48,8 @@ _PACKAGED_BPF = Path(__file__).resolve().parents[1] / "bpf" / "profile.bpf.c"
 CONTROL_SLOT = 0  # enum control_index in the BPF program
 CONTROL_PID_FILTER = 1
 CONTROL_OFFCPU_MIN_US = 2
-CONTROL_OFFCPU_SAMPLE_EVERY = 3
+CONTROL_OFFCPU_MAX_PER_PERIOD = 3
+OFF_CPU_PERIODS_PER_SECOND = 10  # OFFCPU_PERIOD_NS in the BPF program: 100 ms
 DEFAULT_COUNTS_ENTRIES = 65536  # 56 bytes a key+value: 3.5 MiB, room for 20k+ stacks
 DEFAULT_STACK_ENTRIES = 16384  # per slot; a stack-map entry is ~1 KiB (127 frames)
 USER_STACK_ENTRIES = 65536  # per slot, table-walked stacks; allocated on use, 1 KiB each
@@ -231,11 +232,12 @@ class SamplerProgram:
     def set_pid_filter(self, pid: int | None) -> None:
         self._set_control(CONTROL_PID_FILTER, pid or 0)
 
-    def set_off_cpu(self, min_block_us: int, sample_every: int) -> None:
-        """Count blocked intervals of at least min_block_us, of one voluntary switch in
-        sample_every (before attach, or at any time: the program reads them per event)."""
+    def set_off_cpu(self, min_block_us: int, max_rate: int) -> None:
+        """Count blocked intervals of at least min_block_us; walk at most max_rate blocking
+        switches per second per CPU (0: all). Read per event: settable at any time."""
         self._set_control(CONTROL_OFFCPU_MIN_US, min_block_us)
-        self._set_control(CONTROL_OFFCPU_SAMPLE_EVERY, sample_every)
+        per_period = -(-max_rate // OFF_CPU_PERIODS_PER_SECOND) if max_rate > 0 else 0
+        self._set_control(CONTROL_OFFCPU_MAX_PER_PERIOD, per_period)
 
     def read_off_cpu_counts(self) -> list[RawOffCpu]:
         """Every entry of the off-CPU counts map (both slots)."""

@@ -83,11 +83,11 @@ FLIP_GRACE_SECONDS = 0.005
 
 @dataclass(frozen=True)
 class OffCpuSettings:
-    """What off-CPU time to record: intervals of at least min_block_us, of one voluntary
-    context switch in sample_every (values are scaled back up by it)."""
+    """What off-CPU time to record: intervals of at least min_block_us; at most max_rate
+    blocking switches walked per second per CPU (0: all; the kernel weighs the rest)."""
 
     min_block_us: int = 1000
-    sample_every: int = 1
+    max_rate: int = 1000
 
 
 class Sampler:
@@ -148,7 +148,7 @@ class Sampler:
         try:
             program.set_slot(self._slot)
             if self._off_cpu is not None:
-                program.set_off_cpu(self._off_cpu.min_block_us, self._off_cpu.sample_every)
+                program.set_off_cpu(self._off_cpu.min_block_us, self._off_cpu.max_rate)
                 self._off_cpu_seen = program.read_off_cpu_stats()
             self._lost_seen = program.read_lost()
             self._unwind_seen = program.read_unwind_stats()
@@ -280,8 +280,7 @@ class Sampler:
                 {e.kernel_stack_id for e in entries if e.kernel_stack_id >= 0},
             )
             python = split_python_stacks(user) if self._python else {}
-            scale = self._off_cpu.sample_every if self._off_cpu else 1
-            samples, evicted = to_off_cpu_samples(entries, user, kernel, python, max(scale, 1))
+            samples, evicted = to_off_cpu_samples(entries, user, kernel, python)
         program.delete_off_cpu_counts(entries)
         current = program.read_off_cpu_stats()
         export_deltas(metrics.OFF_CPU_EVENTS, OFF_CPU_STATS, self._off_cpu_seen, current)

@@ -61,11 +61,11 @@ def running() -> Iterator[list[subprocess.Popen[bytes]]]:
         process.wait()
 
 
-def record_off_cpu(pid: int, output: Path, cache_dir: Path) -> profile_pb2.Profile:
+def record_off_cpu(pid: int, output: Path, cache_dir: Path, *extra: str) -> profile_pb2.Profile:
     subprocess.run(
         [sys.executable, "-m", "agent", "record", "--off-cpu", "--pid", str(pid)]
         + ["--duration", str(RECORD_SECONDS), "--output", str(output)]
-        + ["--cache-dir", str(cache_dir)],
+        + ["--cache-dir", str(cache_dir), *extra],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -95,7 +95,16 @@ def value_types(profile: profile_pb2.Profile) -> list[tuple[str, str]]:
     return [(strings[t.type], strings[t.unit]) for t in profile.sample_type]
 
 
-@pytest.mark.parametrize("build", ["sleep_poll_fp", "sleep_poll_nofp"])
+@pytest.mark.parametrize(
+    ("build", "max_rate"),
+    [
+        ("sleep_poll_fp", "0"),  # every blocking switch walked
+        ("sleep_poll_nofp", "0"),
+        # ~400 blocking switches a second, 50 walked: each counts for ~8, and the
+        # estimate must still land in the same bounds
+        ("sleep_poll_nofp", "50"),
+    ],
+)
 def test_blocked_time_splits_between_the_two_leaves_and_reaches_main(
     require_bpf: None,
     programs: dict[str, Path],
@@ -103,11 +112,13 @@ def test_blocked_time_splits_between_the_two_leaves_and_reaches_main(
     running: list[subprocess.Popen[bytes]],
     tmp_path: Path,
     build: str,
+    max_rate: str,
 ) -> None:
     program = subprocess.Popen([str(programs[build]), str(RECORD_SECONDS + 30)])
     running.append(program)
     time.sleep(0.5)
-    profile = record_off_cpu(program.pid, tmp_path / "off.pb.gz", cache_dir)
+    output = tmp_path / "off.pb.gz"
+    profile = record_off_cpu(program.pid, output, cache_dir, "--off-cpu-max-rate", max_rate)
 
     assert value_types(profile) == [("samples", "count"), ("off_cpu", "nanoseconds")]
     total = sum(s.value[1] for s in profile.sample)

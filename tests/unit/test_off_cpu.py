@@ -58,12 +58,11 @@ def raw(
     return RawOffCpu(0, pid, user, kernel, comm, count, nanoseconds, pid + 1)
 
 
-def test_off_cpu_samples_scale_count_and_time() -> None:
+def test_off_cpu_samples_keep_the_kernel_weighted_count_and_time() -> None:
     samples, evicted = to_off_cpu_samples(
-        [raw(user=1, kernel=2, count=2, nanoseconds=5_000)],
+        [raw(user=1, kernel=2, count=6, nanoseconds=15_000)],
         {1: (0x400010, 0x400020)},
         {2: (0xFFFFFFFF81000000,)},
-        scale=3,
     )
     assert samples == (
         StackSample(
@@ -93,11 +92,6 @@ def test_entries_naming_an_evicted_stack_are_dropped_and_counted() -> None:
         ((0x400010,), (0xFFFFFFFF81000000,), 1)
     ]
     assert evicted == 9
-    # scaled or not, the dropped intervals are counted as recorded (like the BPF counters)
-    _, evicted_scaled = to_off_cpu_samples(
-        [raw(user=9, kernel=-EFAULT, count=4, nanoseconds=9_000)], {}, {}, scale=10
-    )
-    assert evicted_scaled == 4
 
 
 def test_negative_ids_mean_no_stack_and_are_kept() -> None:
@@ -401,21 +395,21 @@ def test_off_cpu_flame_graph_weighs_blocked_time() -> None:
 # --- config and pipeline.off_cpu_settings ----------------------------------------------
 
 
-@pytest.mark.parametrize("flag", ["--off-cpu-min-block", "--off-cpu-sample-every"])
-def test_zero_off_cpu_settings_are_refused(flag: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--off-cpu-min-block", "0"), ("--off-cpu-max-rate", "-1")]
+)
+def test_out_of_range_off_cpu_settings_are_refused(flag: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"flag {flag}:"):
-        config_for(["run", "--off-cpu", flag, "0"])
+        config_for(["run", "--off-cpu", flag, value])
 
 
 def test_off_cpu_settings_from_the_config() -> None:
     assert off_cpu_settings(config_for(["run"])) is None
     assert off_cpu_settings(config_for(["run", "--off-cpu-min-block", "5ms"])) is None
-    assert off_cpu_settings(config_for(["run", "--off-cpu"])) == OffCpuSettings(1000, 1)
+    assert off_cpu_settings(config_for(["run", "--off-cpu"])) == OffCpuSettings(1000, 1000)
     settings = off_cpu_settings(
-        config_for(
-            ["run", "--off-cpu", "--off-cpu-min-block", "1ms", "--off-cpu-sample-every", "7"]
-        )
+        config_for(["run", "--off-cpu", "--off-cpu-min-block", "1ms", "--off-cpu-max-rate", "0"])
     )
-    assert settings == OffCpuSettings(min_block_us=1000, sample_every=7)
+    assert settings == OffCpuSettings(min_block_us=1000, max_rate=0)
     small = off_cpu_settings(config_for(["run", "--off-cpu", "--off-cpu-min-block", "0.1ms"]))
     assert small is not None and small.min_block_us == 100
