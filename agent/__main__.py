@@ -1,3 +1,14 @@
-from agent.cli import main
+"""`python -m agent` and the `strobe` console script."""
 
-raise SystemExit(main())
+from agent import startup_priority
+
+
+def main() -> int:
+    startup_priority.begin()  # before the imports below: they are start-up CPU too
+    from agent.cli import main as cli_main
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

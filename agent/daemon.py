@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from agent import early_signals, metrics, sdnotify
+from agent import early_signals, metrics, sdnotify, startup_priority
 from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback, split_address
 from agent.admin_token import AdminToken, admin_token
 from agent.capture import Tap, TapSet, merge_windows, wait_for
@@ -276,6 +276,7 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
     pipeline = build_pipeline(config)
     try:
         pipeline.start()
+        startup_priority.end()  # attached: the rest competes at the configured priority
         admin.set_ready()
         sdnotify.notify("READY=1")
         reloader = None

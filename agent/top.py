@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from agent import startup_priority
 from agent.config import Config
 from agent.model import ProfileSample
 from agent.pipeline import build_pipeline
@@ -200,6 +201,7 @@ def run_top_command(
         return [sample for group in samples.values() for sample in group]
 
     pipeline.start()
+    startup_priority.end()
     try:
         run_top(capture_window, interval=interval, pid=pid, iterations=iterations, stop=stop)
     finally:
