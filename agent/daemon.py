@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -294,9 +295,15 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
     finally:
         sdnotify.notify("STOPPING=1")
         admin.set_ready(False)
-        for sink in sinks:  # before the pipeline, whose threads may take long to stop
-            sink.close()
+        # Before the pipeline, whose threads may take long to stop.
+        lost = sum(sink.close() for sink in sinks)
         pipeline.close()
         admin.close()
+    if lost:  # a supervisor should see it: systemd marks the unit failed
+        print(
+            f"strobe: {lost} profiles lost at shutdown: no sink could take them (the log says why)",
+            file=sys.stderr,
+        )
+        return 1
     log.info("stopped cleanly")
     return 0

@@ -24,6 +24,7 @@ class Sink(Protocol):
         """Why the sink cannot take profiles now (one line), or None when it can."""
         ...
 
-    def close(self) -> None:
-        """Flush what can be flushed and release resources; later writes are an error."""
+    def close(self) -> int:
+        """Flush what can be flushed and release resources; later writes are an error.
+        Returns how many profiles were lost (neither stored nor shipped nor spooled)."""
         ...

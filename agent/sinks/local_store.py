@@ -198,17 +198,19 @@ class LocalStore:
         with self._lock:
             return len(self._backlog)
 
-    def close(self) -> None:
-        """Last try at the backlog; whatever is still in it is lost (and counted)."""
+    def close(self) -> int:
+        """Last try at the backlog; whatever is still in it is lost (counted, returned)."""
         with self._lock:
             if self._closed:
-                return
+                return 0
             self._closed = True
-            if self._backlog and not self._flush_backlog():
-                lost = len(self._backlog)
-                log.error("local store %s: %d profiles lost at shutdown", self.directory, lost)
-                metrics.SINK_ERRORS.labels(sink=SINK_NAME, reason="lost_at_close").inc(lost)
-                self._backlog.clear()
+            if not self._backlog or self._flush_backlog():
+                return 0
+            lost = len(self._backlog)
+            log.error("local store %s: %d profiles lost at shutdown", self.directory, lost)
+            metrics.SINK_ERRORS.labels(sink=SINK_NAME, reason="lost_at_close").inc(lost)
+            self._backlog.clear()
+            return lost
 
     # -- writing -----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ while the disk refuses profiles, and says ready again once it takes them."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 import urllib.error
@@ -68,3 +69,27 @@ def test_readiness_follows_a_full_disk(require_bpf: None, small_disk: Path, tmp_
         )
     finally:
         stop_strobe_run(agent, log)
+
+
+def test_profiles_lost_at_shutdown_make_a_failing_exit(
+    require_bpf: None, small_disk: Path, tmp_path: Path
+) -> None:
+    """Stopped while the disk is still full: the backlog cannot be written, so the exit
+    says so (1, one line) instead of 0: a supervisor (systemd) shows the unit failed."""
+    port, log = free_port(), tmp_path / "agent.log"
+    store, filler = small_disk / "store", small_disk / "filler"
+    agent = start_strobe_run(tmp_path, log, port, store=store)
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        wait_until(lambda: readyz(url)[0] == 200, "never ready", agent, log)
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+        wait_until(lambda: readyz(url)[0] == 503, "still ready with a full disk", agent, log)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=60) == 1, log.read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    lines = [line for line in log.read_text().splitlines() if line.startswith("strobe: ")]
+    assert len(lines) == 1 and "profiles lost at shutdown" in lines[0], lines
+    assert "Traceback" not in log.read_text()

@@ -170,12 +170,13 @@ class RemoteSink:
         metrics.PROFILES_WRITTEN.labels(sink=self.name).inc()
         metrics.PROFILE_BYTES.labels(sink=self.name).inc(len(payload))
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float | None = None) -> int:
         """Deliver within `timeout` (default close_timeout_seconds) unless the backend is
-        failing, stop the sender (bounded wait), then spool or count what memory holds."""
+        failing, stop the sender (bounded wait), then spool or count what memory holds.
+        Returns the profiles lost (neither delivered nor spooled)."""
         with self._cond:
             if self._closed:
-                return
+                return 0
             self._closed = True
         _OPEN_SINKS.discard(self)
         started = time.monotonic()
@@ -188,13 +189,14 @@ class RemoteSink:
         if self._thread.is_alive():
             log.warning("remote store: sender still busy at close; not waiting for it")
         with self._cond:
-            self._spill()
+            lost = self._spill()
             self._update_gauges()
             left = len(self._queue)
         self._transport.close()
         took = time.monotonic() - started
         kept = f"; {left} profiles kept in the spool for the next start" if self._spool else ""
         log.info("remote store: closed in %.2f s%s", took, kept)
+        return lost
 
     # -- inspection -------------------------------------------------------------------
 
@@ -321,8 +323,9 @@ class RemoteSink:
             self._update_gauges()
             self._cond.notify_all()
 
-    def _spill(self) -> None:
-        """At close: spool (or count as lost) what only memory holds; spooled items stay."""
+    def _spill(self) -> int:
+        """At close: spool (or count as lost) what only memory holds; spooled items stay.
+        Returns the number lost."""
         left = [item for item in self._queue if item.spooled is None]
         self._queue = deque(item for item in self._queue if item.spooled is not None)
         self._memory_bytes = sum(len(item.payload or b"") for item in self._queue)
@@ -343,6 +346,7 @@ class RemoteSink:
         if lost:
             log.warning("remote store: %d profiles undelivered at shutdown, lost", lost)
             self._dropped("shutdown", lost)
+        return lost
 
     # -- sender thread ----------------------------------------------------------------
 
