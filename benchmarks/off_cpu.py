@@ -6,8 +6,9 @@ it; in each leg the agent is started, waited for (/readyz, a processed window, t
 pinned to one CPU, each spinning --work-us per message (15 us: ~57k context switches/s
 on the 2-vCPU dev VM; 0: ~340k/s). Every switch runs the sched_switch program; up to
 --off-cpu-max-rate of them per second per CPU (default 1000) also walk the blocking
-thread's stacks. The ratio of a pair is A/B round trips per second; we report its median and spread, the switch rate (from
-/proc/stat), the agent's CPU during the legs, and the kernel's own count of the
+thread's stacks. The ratio of a pair is A/B round trips per second; we report its
+median and spread, the switch rate (from /proc/stat), the agent's CPU during the legs,
+and the kernel's own count of the
 sched_switch program's cost (kernel.bpf_stats_enabled=1 during the A legs: run_time_ns
 and run_cnt of the agent's busiest raw-tracepoint program, from /proc/PID/fdinfo; the
 walks it tail-calls are included), which other load on the machine does not skew.
