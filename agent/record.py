@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -129,9 +129,15 @@ def record(
         if profile
         else build_pprof([], window.start_ns, duration_ns, pipeline.period_ns, kind)
     )
-    write_atomically(output, data)
+    files = {output: data}
     if flamegraph is not None:
-        write_atomically(flamegraph, flamegraph_of(samples, pid, kind).encode())
+        files[flamegraph] = flamegraph_of(samples, pid, kind).encode()
+    for path, content in files.items():
+        try:
+            write_atomically(path, content)
+        except OSError as exc:  # checked before sampling, but the disk may have filled since
+            print(f"strobe: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     if kind == OFF_CPU:
         blocked = sum(s.nanoseconds for s in window.off_cpu) / 1e9
         what = f"{sum(s.count for s in window.off_cpu)} blocked intervals, {blocked:.3g} s"
@@ -159,8 +165,12 @@ def output_problem(path: Path) -> str | None:
             return f"directory {path.parent} does not exist; create it or write elsewhere"
     except PermissionError:  # a directory on the way that we may not enter
         return f"cannot reach {path} (permission denied); choose a writable directory"
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        return f"cannot write in {path.parent} (permission denied); choose a writable directory"
+    try:  # a real file, as the write will make: access() says yes to root on /proc or a
+        # read-only mount
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".strobe-check-"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {path.parent} ({exc.strerror}); choose a writable directory"
     return None
 
 

@@ -78,7 +78,23 @@ def test_unwritable_output_directory_refused(tmp_path: Path) -> None:
     assert result.returncode == USAGE_ERROR
     assert one_line(result) == (
         f"strobe: configuration error: flag --output: cannot write in {readonly} "
-        "(permission denied); choose a writable directory"
+        "(Permission denied); choose a writable directory"
+    )
+
+
+def test_read_only_output_directory_refused_even_for_root(tmp_path: Path) -> None:
+    """Root passes access() checks on a read-only mount: the check makes a real file."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        result = strobe("record", "--duration", "60", "-o", str(mount / "x.pb.gz"), timeout=30)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+    assert result.returncode == USAGE_ERROR
+    assert one_line(result) == (
+        f"strobe: configuration error: flag --output: cannot write in {mount} "
+        "(Read-only file system); choose a writable directory"
     )
 
 
