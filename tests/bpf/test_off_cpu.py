@@ -6,7 +6,8 @@ Each test profiles a program of known shape with the real command (`strobe recor
   the blocked time) and poll_leaf (poll on an idle pipe with a timeout, 40%), built with
   and without frame pointers;
 - tests/data/c/offcpu_mutex.c: a holder thread keeps one mutex most of the time, a
-  waiter thread (waiter_thread -> wait_for_lock) waits for it.
+  waiter thread (waiter_thread -> wait_for_lock) waits for it;
+- a CPython program whose handler() sleeps in nap() and waits in wait_pipe().
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 
 from agent.pprof.builder import parse_pprof
 from agent.pprof.proto import profile_pb2
+from tests.bpf.test_python_frames import interpreter
 from tests.conftest import REPO, require_tool
 from tests.integration.strobe_run import start_strobe_run, stop_strobe_run
 from tests.integration.test_pull_auth import free_port
@@ -215,3 +217,47 @@ def wait_for_off_cpu_sidecar(store: Path, agent: subprocess.Popen[bytes], log: P
             return found
         time.sleep(0.5)
     raise AssertionError("no off-CPU profile stored in 90 s: " + log.read_text()[-3000:])
+
+
+PYTHON_WAITS = """
+import os, select, sys, time
+def nap():
+    time.sleep(0.003)
+def wait_pipe(r):
+    select.select([r], [], [], 0.002)
+def handler(r):
+    nap()
+    wait_pipe(r)
+def main():
+    r, w = os.pipe()
+    end = time.monotonic() + float(sys.argv[1])
+    while time.monotonic() < end:
+        handler(r)
+main()
+"""
+
+
+@pytest.mark.parametrize("version", ["3.12", "debian-3.11"])
+def test_python_waits_show_the_python_functions(
+    require_bpf: None,
+    cache_dir: Path,
+    running: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+    version: str,
+) -> None:
+    """Blocked time of a CPython program lands on its Python functions (the off-CPU walk
+    has the Python walker too): nap (a 3 ms sleep) 60%, wait_pipe (a 2 ms select) 40%."""
+    script = tmp_path / "waits.py"
+    script.write_text(PYTHON_WAITS)
+    python = interpreter(version)
+    program = subprocess.Popen([str(python), str(script), str(RECORD_SECONDS + 30)])
+    running.append(program)
+    time.sleep(1.0)  # past the interpreter's start-up
+    profile = record_off_cpu(program.pid, tmp_path / "py.pb.gz", cache_dir)
+
+    nap, wait = blocked_ns(profile, "nap"), blocked_ns(profile, "wait_pipe")
+    total = sum(s.value[1] for s in profile.sample)
+    assert nap + wait >= 0.8 * total, (nap, wait, total)
+    assert 50 <= 100 * nap / (nap + wait) <= 70, (nap, wait)
+    handled = sum(s.value[1] for s in profile.sample if "handler" in functions(profile, s))
+    assert handled >= 0.8 * total, (handled, total)
