@@ -206,11 +206,13 @@ class _ProfileTables:
             self.profile.string_table.extend(_SURROGATE.sub("\ufffd", s) for s in self.strings)
 
 
-# Sample types by profile kind; the second is also the period type.
+# Sample types by profile kind, and the period type: off-CPU intervals are measured in
+# wall-clock time (Parca Agent's off-CPU type is parca_agent:samples:count:wallclock:...).
 SAMPLE_TYPES = {
     CPU: (("samples", "count"), ("cpu", "nanoseconds")),
     OFF_CPU: (("samples", "count"), ("off_cpu", "nanoseconds")),
 }
+PERIOD_TYPES = {CPU: "cpu", OFF_CPU: "wallclock"}
 
 
 def build_pprof(
@@ -243,7 +245,7 @@ def encode_profile(
     tables = _ProfileTables(tail)
     for name, unit in SAMPLE_TYPES[kind]:
         head.sample_type.add(type=tables.string(name), unit=tables.string(unit))
-    tail.period_type.type = tables.string(SAMPLE_TYPES[kind][1][0])
+    tail.period_type.type = tables.string(PERIOD_TYPES[kind])
     tail.period_type.unit = tables.string("nanoseconds")
     with cycle_collection_paused():  # a bytes object or two per sample, no cycles
         encoded = _encode_samples(samples, tables, None if kind == OFF_CPU else period_ns)

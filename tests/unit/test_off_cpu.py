@@ -195,7 +195,7 @@ def test_window_profiles_make_cpu_and_off_cpu_series() -> None:
     decoded = parse_pprof(profile.pprof)
     assert value_types(decoded) == [("samples", "count"), ("off_cpu", "nanoseconds")]
     strings = decoded.string_table
-    assert strings[decoded.period_type.type] == "off_cpu"
+    assert strings[decoded.period_type.type] == "wallclock"
     assert sorted(list(s.value) for s in decoded.sample) == [[4, 40_000_000], [100, 2_000_000]]
     assert sum(s.nanoseconds for s in profile.samples) == 42_000_000
 
@@ -235,11 +235,11 @@ def test_parca_names_off_cpu_series_apart() -> None:
     profiles = window_profiles(both_kinds(), STAGES, PERIOD_NS)
     assert [parca_name(p) for p in profiles if p.kind == CPU] == ["parca_agent_cpu"] * 2
     off = off_cpu_profile()
-    assert parca_name(off) == "parca_agent_offcpu"
+    assert parca_name(off) == "parca_agent"
     request = pb.WriteRawRequest.FromString(parca.encode(off, "n1", normalized=True))
     (sent,) = request.series
     labels = {label.name: label.value for label in sent.labels.labels}
-    assert labels["__name__"] == "parca_agent_offcpu"
+    assert labels["__name__"] == "parca_agent"
     assert labels["profile_type"] == "off-cpu"
     assert sent.samples[0].raw_profile == off.pprof
 
@@ -267,7 +267,8 @@ def test_otlp_off_cpu_values_are_blocked_nanoseconds() -> None:
         (strings[t.type_strindex], strings[t.unit_strindex])
         for t in (message.sample_type, message.period_type)
     )
-    assert sample_type == period_type == ("off_cpu", "nanoseconds")
+    assert sample_type == ("off_cpu", "nanoseconds")
+    assert period_type == ("wallclock", "nanoseconds")
     assert message.period == 0
     # the first two share stack and attributes: one sample, their nanoseconds summed
     assert sorted(list(s.values) for s in message.samples) == [[3_001_000], [9_000_000]]

@@ -12,8 +12,8 @@ opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export
 - One Profile: sample_type samples/count, period_type cpu/nanoseconds, period =
   CPU ns one sample stands for; time_unix_nano/duration_nano from the window; a random
   profile_id (fixed at encode time, so a resend carries the same id). An off-CPU
-  profile: sample_type and period_type off_cpu/nanoseconds, period 0, values = [blocked
-  ns], and the profile attribute profile_type=off-cpu (a series label).
+  profile: sample_type off_cpu/nanoseconds, period_type wallclock/nanoseconds, period 0,
+  values = [blocked ns], and the profile attribute profile_type=off-cpu (a series label).
 - Samples: values = [count]; attributes process.pid (int), and the sample's labels
   (comm -> thread.name, tid -> thread.id, others as they are). Identical
   (stack, attributes) pairs are merged.
@@ -548,7 +548,7 @@ def _encode(profile: SeriesProfile, node: str, version: str) -> bytes:
         time_unix_nano=profile.start_ns,
         duration_nano=profile.duration_ns,
         period_type=prof.ValueType(
-            type_strindex=tables.string("off_cpu" if off_cpu else "cpu"),
+            type_strindex=tables.string("wallclock" if off_cpu else "cpu"),
             unit_strindex=tables.string("nanoseconds"),
         ),
         period=profile.period_ns,

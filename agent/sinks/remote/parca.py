@@ -22,9 +22,11 @@ from agent.model import OFF_CPU, SeriesProfile, valid_utf8
 from agent.sinks.proto import profilestore_pb2 as pb
 
 PROFILE_NAME = "parca_agent_cpu"
-# Off-CPU profiles get their own name, so Parca lists them as a type of their own
-# (parca_agent_offcpu:off_cpu:nanoseconds:off_cpu:nanoseconds:delta) beside on-CPU.
-OFF_CPU_PROFILE_NAME = "parca_agent_offcpu"
+# Off-CPU profiles get the name Parca Agent gives its own (parca-agent issue #3061): with
+# their period type wallclock/nanoseconds, Parca lists them as the well-known Off-CPU
+# type parca_agent:samples:count:wallclock:nanoseconds:delta (and the blocked time as
+# parca_agent:off_cpu:nanoseconds:wallclock:nanoseconds:delta).
+OFF_CPU_PROFILE_NAME = "parca_agent"
 METHOD = "/parca.profilestore.v1alpha1.ProfileStoreService/WriteRaw"
 
 
