@@ -12,11 +12,16 @@ from tests.conftest import REPO
 
 
 def start_strobe_run(
-    tmp_path: Path, log: Path, port: int, *extra: str, store: Path | None = None
+    tmp_path: Path,
+    log: Path,
+    port: int,
+    *extra: str,
+    store: Path | None = None,
+    window: str = "2s",
 ) -> subprocess.Popen[bytes]:
     with log.open("w") as output:
         return subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--window", "2s"]
+            [sys.executable, "-m", "agent", "run", "--window", window]
             + ["--local-store", str(store or tmp_path / "store")]
             + ["--cache-dir", str(tmp_path / "cache"), "--http-address", f"127.0.0.1:{port}"]
             + list(extra),
