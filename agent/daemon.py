@@ -27,10 +27,10 @@ from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.pull import PullEndpoint, without_kernel_addresses
 from agent.reload import LiveParts, Reloader
-from agent.session import profile_samples, window_profiles
 from agent.sinks import Sink, remote
 from agent.sinks.local_store import LocalStore
 from agent.sinks.remote import RemoteStoreConfig
+from agent.window_flow import profile_samples, window_profiles
 
 log = logging.getLogger(__name__)
 
