@@ -24,7 +24,7 @@ from agent.model import ProcessInfo, StackSample
 from agent.process.cache import ProcessCache
 from agent.python.unwinder import PythonUnwinder
 from agent.sampler.sampler import OffCpuSettings, Sampler
-from agent.symbolize.background import BackgroundIndexer
+from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.symbolizer import Symbolizer
 from agent.window_flow import Labels, SeriesLabels, Stages
