@@ -8,6 +8,7 @@ option cannot be parsed and then ignored. Errors name the field and where it cam
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -144,10 +145,35 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def split_host_port(address: str, *, listening: bool = False) -> tuple[str, int]:
+    """(host, port) of HOST:PORT or [IPv6]:PORT (brackets dropped); ValueError otherwise.
+
+    The one parser of addresses: the admin HTTP address and the remote store's. A host
+    has no whitespace, and a colon only as a bracketed IPv6 literal; the port is ASCII
+    decimal, 1-65535, or 0 (the kernel picks one) for a `listening` address.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{address!r}: [{host}] is not an IPv6 address") from None
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"{address!r} is not HOST:PORT (an IPv6 host goes in brackets)")
+    if not sep or not host or not re.fullmatch(r"[0-9]+", port_text):
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    if re.search(r"\s", host):
+        raise ValueError(f"{address!r}: the host has whitespace")
+    port, lowest = int(port_text), 0 if listening else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{address!r}: port out of range ({lowest}-65535)")
+    return host, port
+
+
 def parse_address(value: Any) -> str:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    """A HOST:PORT to listen on (port 0: any free port), kept as written."""
+    split_host_port(str(value), listening=True)
     return str(value)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from types import FrameType
 
 from agent import early_signals, metrics, sdnotify
-from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback, split_address
+from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
 from agent.admin_token import AdminToken, admin_token
 from agent.capture import Tap, TapSet, merge_windows, wait_for
-from agent.config import Config, ConfigError
+from agent.config import Config, ConfigError, split_host_port
 from agent.model import CPU, OFF_CPU, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
@@ -39,7 +39,7 @@ TAP_TICK_SECONDS = 1.0  # drain this often while an on-demand capture is open
 
 def check_http_exposure(config: Config) -> None:
     """Loopback by default; anything else needs a bearer token file."""
-    host, _ = split_address(config.http_address)
+    host, _ = split_host_port(config.http_address, listening=True)
     if not is_loopback(host) and not config.http_token_file:
         raise ConfigError(
             f"http_address: {config.http_address} is not a loopback address; "

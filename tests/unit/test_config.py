@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import build_parser
-from agent.config import ConfigError, build_config, parse_duration, parse_size
+from agent.config import ConfigError, build_config, parse_duration, parse_size, split_host_port
 
 
 def config_for(argv: list[str], environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -153,3 +153,46 @@ def test_every_duration_and_size_has_bounds_and_names_the_flag(
             config_for(["run", flag, value])
     field = flag.removeprefix("--").replace("-", "_")
     assert getattr(config_for(["run", flag, fine]), field) > 0
+
+
+@pytest.mark.parametrize(
+    ("address", "listening", "expected"),
+    [
+        ("127.0.0.1:7071", False, ("127.0.0.1", 7071)),
+        ("parca.example.com:7070", False, ("parca.example.com", 7070)),
+        ("[::1]:7070", False, ("::1", 7070)),
+        ("[fe80::1%eth0]:7070", False, ("fe80::1%eth0", 7070)),
+        ("127.0.0.1:0", True, ("127.0.0.1", 0)),
+        ("0.0.0.0:65535", True, ("0.0.0.0", 65535)),
+    ],
+)
+def test_host_port_accepted(address: str, listening: bool, expected: tuple[str, int]) -> None:
+    assert split_host_port(address, listening=listening) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "listening", "reason"),
+    [
+        ("no-port", False, "is not HOST:PORT"),
+        (":7070", False, "is not HOST:PORT"),
+        ("host:", False, "is not HOST:PORT"),
+        ("host:http", False, "is not HOST:PORT"),
+        ("host:+80", False, "is not HOST:PORT"),
+        ("host:٨٠", False, "is not HOST:PORT"),  # non-ASCII digits
+        ("::1:7070", False, "in brackets"),
+        ("[::1:7070", False, "in brackets"),
+        ("[example.com]:7070", False, "not an IPv6 address"),
+        ("my host:7070", False, "whitespace"),
+        ("host:99999", True, "port out of range"),
+        ("host:0", False, r"port out of range \(1-65535\)"),
+    ],
+)
+def test_host_port_refused(address: str, listening: bool, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        split_host_port(address, listening=listening)
+
+
+def test_bad_http_address_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="flag --http-address: .*is not HOST:PORT"):
+        config_for(["run", "--http-address", "::1:7071"])
+    assert config_for(["run", "--http-address", "[::1]:0"]).http_address == "[::1]:0"
