@@ -1,12 +1,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from agent.cli import build_parser
-from agent.config import ConfigError, build_config, parse_duration, parse_size, split_host_port
+from agent.config import (
+    OPTIONS,
+    Config,
+    ConfigError,
+    build_config,
+    parse_duration,
+    parse_size,
+    split_host_port,
+)
+from tests.conftest import REPO
 
 
 def config_for(argv: list[str], environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -196,3 +209,48 @@ def test_bad_http_address_names_the_field() -> None:
     with pytest.raises(ConfigError, match="flag --http-address: .*is not HOST:PORT"):
         config_for(["run", "--http-address", "::1:7071"])
     assert config_for(["run", "--http-address", "[::1]:0"]).http_address == "[::1]:0"
+
+
+def test_every_option_is_a_typed_config_field_and_every_field_an_option() -> None:
+    """Config declares a field per option of OPTIONS, in its order, of the type the
+    option's parser returns (Optional when the default is None), with its default."""
+    hints = typing.get_type_hints(Config)
+    fields = [f for f in dataclasses.fields(Config) if f.name != "sources"]
+    assert [f.name for f in fields] == [option.name for option in OPTIONS]
+    for option, field in zip(OPTIONS, fields, strict=True):
+        parsed = typing.get_type_hints(option.parse)["return"]
+        expected = parsed | None if option.default is None else parsed
+        assert hints[option.name] == expected, option.name
+        assert field.default == option.default, option.name
+        if option.default is not None:  # the default is a value the parser could return
+            origin = typing.get_origin(parsed) or parsed
+            assert isinstance(option.default, origin), option.name
+    assert Config().values == {option.name: option.default for option in OPTIONS}
+
+
+def test_a_misspelled_config_field_is_a_type_error(tmp_path: Path) -> None:
+    """No __getattr__ fallback: mypy refuses a field Config does not have."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from agent.config import Config\n"
+        "def hz(config: Config) -> int:\n"
+        "    return config.frequncy\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-incremental",
+            "--config-file",
+            "/dev/null",
+            "--ignore-missing-imports",
+            "--follow-imports=silent",
+            str(probe),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert '"Config" has no attribute "frequncy"' in result.stdout, result.stdout
