@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent import metrics
+from agent.config import split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -110,7 +106,7 @@ class AdminServer:
             "/healthz": lambda _query: (200, "text/plain", b"ok\n"),
             "/readyz": self._readyz,
         }
-        host, port = split_address(address)
+        host, port = split_host_port(address, listening=True)
         self._server = BoundedHTTPServer((host, port), self._handler_class(), max_connections)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="admin-http", daemon=True

@@ -213,7 +213,7 @@ NOT_PERMITTED = ("Operation not permitted", "Permission denied")
 
 def known_failure(exc: Exception) -> str | None:
     """One line saying what to do about a failure the host causes; None for a bug."""
-    from agent.sampler.compile_child import BpfCompileError
+    from agent.sampler.compile_parent import BpfCompileError
     from agent.sampler.kernel_headers import KernelHeadersError
 
     if isinstance(exc, KernelHeadersError):

@@ -1,13 +1,16 @@
 """One typed configuration object, built from defaults < config file < environment < flags.
 
-Every option is declared once in OPTIONS: its flag, type, default and help text. The CLI,
+Every option is declared once in OPTIONS: its flag, parser, default and help text. The CLI,
 the config-file loader and the environment loader are generated from that table, so an
-option cannot be parsed and then ignored. Errors name the field and where it came from.
+option cannot be parsed and then ignored. Config has a typed field per option (so mypy
+checks every use); a unit test holds the two to the same names, types and defaults.
+Errors name the field and where it came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -144,10 +147,35 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def split_host_port(address: str, *, listening: bool = False) -> tuple[str, int]:
+    """(host, port) of HOST:PORT or [IPv6]:PORT (brackets dropped); ValueError otherwise.
+
+    The one parser of addresses: the admin HTTP address and the remote store's. A host
+    has no whitespace, and a colon only as a bracketed IPv6 literal; the port is ASCII
+    decimal, 1-65535, or 0 (the kernel picks one) for a `listening` address.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{address!r}: [{host}] is not an IPv6 address") from None
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"{address!r} is not HOST:PORT (an IPv6 host goes in brackets)")
+    if not sep or not host or not re.fullmatch(r"[0-9]+", port_text):
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    if re.search(r"\s", host):
+        raise ValueError(f"{address!r}: the host has whitespace")
+    port, lowest = int(port_text), 0 if listening else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{address!r}: port out of range ({lowest}-65535)")
+    return host, port
+
+
 def parse_address(value: Any) -> str:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    """A HOST:PORT to listen on (port 0: any free port), kept as written."""
+    split_host_port(str(value), listening=True)
     return str(value)
 
 
@@ -499,25 +527,66 @@ def _defaults() -> dict[str, Any]:
     return {option.name: option.default for option in OPTIONS}
 
 
+def _default(name: str) -> Any:
+    return OPTION_BY_NAME[name].default
+
+
 @dataclass(frozen=True)
 class Config:
-    """The validated configuration. Field names match OPTIONS."""
+    """The validated configuration: one typed field per option of OPTIONS, in its order,
+    defaulting to the option's default (tests/unit/test_config.py keeps the two in step:
+    each field's type is what its option's parser returns), and where each came from."""
 
-    values: Mapping[str, Any] = field(default_factory=_defaults)
+    frequency: int = _default("frequency")
+    unwinder: str = _default("unwinder")
+    unwind_table_rows: int = _default("unwind_table_rows")
+    no_python_frames: bool = _default("no_python_frames")
+    off_cpu: bool = _default("off_cpu")
+    off_cpu_min_block: float = _default("off_cpu_min_block")
+    off_cpu_max_rate: int = _default("off_cpu_max_rate")
+    window: float = _default("window")
+    local_store: str = _default("local_store")
+    local_store_max_bytes: int = _default("local_store_max_bytes")
+    local_store_max_age: float = _default("local_store_max_age")
+    no_local_store: bool = _default("no_local_store")
+    http_address: str = _default("http_address")
+    http_token_file: str = _default("http_token_file")
+    max_profile_seconds: float = _default("max_profile_seconds")
+    remote_store_address: str = _default("remote_store_address")
+    remote_store_protocol: str = _default("remote_store_protocol")
+    remote_store_insecure: bool = _default("remote_store_insecure")
+    remote_store_insecure_skip_verify: bool = _default("remote_store_insecure_skip_verify")
+    remote_store_ca_file: str = _default("remote_store_ca_file")
+    remote_store_cert_file: str = _default("remote_store_cert_file")
+    remote_store_key_file: str = _default("remote_store_key_file")
+    remote_store_bearer_token_file: str = _default("remote_store_bearer_token_file")
+    remote_store_headers: tuple[tuple[str, str], ...] = _default("remote_store_headers")
+    remote_store_timeout: float = _default("remote_store_timeout")
+    remote_store_max_message_bytes: int = _default("remote_store_max_message_bytes")
+    remote_store_queue_max_bytes: int = _default("remote_store_queue_max_bytes")
+    remote_store_spool_dir: str = _default("remote_store_spool_dir")
+    remote_store_spool_max_bytes: int = _default("remote_store_spool_max_bytes")
+    kubeconfig: str = _default("kubeconfig")
+    relabel_configs: list[RelabelConfig] | None = _default("relabel_configs")
+    max_series_per_window: int = _default("max_series_per_window")
+    debuginfod_urls: tuple[str, ...] = _default("debuginfod_urls")
+    symbol_cache_max_bytes: int = _default("symbol_cache_max_bytes")
+    cache_dir: str = _default("cache_dir")
+    node_name: str = _default("node_name")
+    log_level: str = _default("log_level")
     sources: Mapping[str, str] = field(default_factory=dict)  # field -> where it came from
 
-    def __getattr__(self, name: str) -> Any:
-        values = object.__getattribute__(self, "values")
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every option's value by name (for code that walks all of them)."""
+        return {option.name: getattr(self, option.name) for option in OPTIONS}
 
     def with_values(self, **changes: Any) -> Config:
-        return replace(self, values={**self.values, **changes})
+        return replace(self, **changes)
 
     @property
     def resolved_node_name(self) -> str:
-        return str(self.values["node_name"] or os.environ.get("NODE_NAME") or socket.gethostname())
+        return self.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
 
 
 def _convert(option: Option, raw: Any, source: str) -> Any:
@@ -612,14 +681,14 @@ def build_config(
     for source, layer in layers:
         values.update(layer)
         sources.update(dict.fromkeys(layer, source))
-    config = Config(values=values, sources=sources)
+    config = Config(**values, sources=sources)
     validate(config, command)
     return config
 
 
 def validate(config: Config, command: str) -> None:
     """Checks that involve more than one field."""
-    if command == RUN and config.no_local_store and not config.values.get("remote_store_address"):
+    if command == RUN and config.no_local_store and not config.remote_store_address:
         raise ConfigError("no_local_store: needs remote_store_address, or profiles go nowhere")
 
 

@@ -19,19 +19,19 @@ from pathlib import Path
 from types import FrameType
 
 from agent import early_signals, metrics, sdnotify, startup_priority
-from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback, split_address
+from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
 from agent.admin_token import AdminToken, admin_token
 from agent.capture import Tap, TapSet, merge_windows, wait_for
-from agent.config import Config, ConfigError
+from agent.config import Config, ConfigError, split_host_port
 from agent.model import CPU, OFF_CPU, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.pull import PullEndpoint, without_kernel_addresses
 from agent.reload import LiveParts, Reloader
-from agent.session import profile_samples, window_profiles
 from agent.sinks import Sink, remote
 from agent.sinks.local_store import LocalStore
 from agent.sinks.remote import RemoteStoreConfig
+from agent.window_flow import profile_samples, window_profiles
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ TAP_TICK_SECONDS = 1.0  # drain this often while an on-demand capture is open
 
 def check_http_exposure(config: Config) -> None:
     """Loopback by default; anything else needs a bearer token file."""
-    host, _ = split_address(config.http_address)
+    host, _ = split_host_port(config.http_address, listening=True)
     if not is_loopback(host) and not config.http_token_file:
         raise ConfigError(
             f"http_address: {config.http_address} is not a loopback address; "

@@ -24,10 +24,10 @@ from agent.model import ProcessInfo, StackSample
 from agent.process.cache import ProcessCache
 from agent.python.unwinder import PythonUnwinder
 from agent.sampler.sampler import OffCpuSettings, Sampler
-from agent.session import Labels, SeriesLabels, Stages
-from agent.symbolize.background import BackgroundIndexer
+from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.symbolizer import Symbolizer
+from agent.window_flow import Labels, SeriesLabels, Stages
 
 log = logging.getLogger(__name__)
 

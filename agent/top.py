@@ -30,7 +30,7 @@ from agent.render.names import (
     process_key,
     stack_frames,
 )
-from agent.session import profile_samples
+from agent.window_flow import profile_samples
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase display
 DEFAULT_LIMIT = 20  # rows when the output is not a terminal

@@ -34,7 +34,7 @@ from _harness import Agent  # noqa: E402
 
 from agent.config import Config  # noqa: E402
 from agent.pipeline import build_pipeline  # noqa: E402
-from agent.session import merged_profile, window_profiles  # noqa: E402
+from agent.window_flow import merged_profile, window_profiles  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = """

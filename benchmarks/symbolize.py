@@ -8,7 +8,7 @@ map it (pid 0: opened by its host path), so nothing has to run.
 
 Measured, each in a fresh cache directory:
   cold    Symbolizer.prepare(process): ELF symbols, debug-file search, SymCache built
-          in the capped child (index_child.py), stored and mapped. Peak extra memory
+          in the capped child (symcache_child.py), stored and mapped. Peak extra memory
           is the child's peak RSS (the indexing happens there) plus the growth of this
           process's RSS across the call.
   warm    a new Symbolizer over the same cache directory: prepare() maps the stored

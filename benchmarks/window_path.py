@@ -106,9 +106,9 @@ def replay(directory: Path, frequency: int, rounds: int) -> dict[str, Any]:
     from agent.labels.guard import CardinalityGuard
     from agent.labels.labeler import Labeler
     from agent.pipeline import labeled_series
-    from agent.session import Stages, window_profiles
     from agent.symbolize.kallsyms import Kallsyms
     from agent.symbolize.symbolizer import Symbolizer
+    from agent.window_flow import Stages, window_profiles
 
     windows, processes = load_capture(directory)
     config = config_for(directory, frequency)

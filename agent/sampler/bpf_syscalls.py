@@ -1,6 +1,6 @@
 """The bpf(2) and perf_event_open(2) system calls through ctypes: no bcc, no LLVM.
 
-Once a BPF program is loaded (see `agent.sampler.compile_child`), everything the
+Once a BPF program is loaded (see `agent.sampler.compile_parent`), everything the
 agent does with it is a handful of syscalls on file descriptors: read and write
 maps, ask the kernel what a map or program is, open cpu-clock perf events and
 attach the program to them, attach raw tracepoints. This module is those calls.

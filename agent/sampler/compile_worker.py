@@ -1,5 +1,6 @@
-"""Child side of `agent.sampler.compile_child`: compile and load a bcc program, hand
-the fds of its maps and programs to the parent over SCM_RIGHTS, and exit.
+"""Child side of the BPF compile (the parent is `agent.sampler.compile_parent`): compile
+and load a bcc program, hand the fds of its maps and programs to the parent over
+SCM_RIGHTS, and exit.
 
 Run as a script, never imported by the agent at run time apart from its constants:
 

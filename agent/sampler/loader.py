@@ -2,7 +2,7 @@
 
 bcc compiles with LLVM in whatever process calls it: ~150 MB of RSS that would stay
 for the agent's whole life. So the compile runs in a short-lived child
-(`compile_child.compile_in_child`): it loads the programs, hands back the fds of every
+(`compile_parent.compile_in_child`): it loads the programs, hands back the fds of every
 map and program, and exits. This process never imports bcc; it attaches with
 perf_event_open/raw tracepoints and reads the maps through `BpfMap`/`RingBuffer`.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from agent.sampler import bpf_syscalls
 from agent.sampler.bpf_map import BpfMap
-from agent.sampler.compile_child import CompiledProgram
+from agent.sampler.compile_parent import CompiledProgram
 from agent.sampler.convert import (
     LOST_REASONS,
     OFF_CPU_STATS,

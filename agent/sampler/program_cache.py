@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.sampler import bpf_syscalls
-from agent.sampler.compile_child import BpfCompileError, CompiledProgram, MapFd, compile_in_child
+from agent.sampler.compile_parent import BpfCompileError, CompiledProgram, MapFd, compile_in_child
 from agent.sampler.compile_worker import PROGRAM_KINDS
 from agent.sampler.kernel_headers import HeaderChoice
 

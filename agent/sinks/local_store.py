@@ -2,10 +2,10 @@
 
 Layout: `<dir>/<YYYYmmddTHHMMSSZ>-<labelhash>.pb.gz` (the profile, readable by any pprof
 tool) next to `<same stem>.json` (series labels and times). Both appear atomically
-(written to a hidden `.tmp-*` file, fsynced, renamed), the sidecar first, so a visible
-profile is always complete and described. After each write the oldest profiles go until
-the store fits `max_bytes`, and every profile that started more than `max_age_seconds`
-ago goes.
+(written to a hidden `.tmp-*` file, fsynced, renamed, the directory fsynced: see
+agent/atomic_file.py), the sidecar first, so a visible profile is always complete and
+described. After each write the oldest profiles go until the store fits `max_bytes`, and
+every profile that started more than `max_age_seconds` ago goes.
 
 When the disk refuses a write (full, read-only, quota...) the profile waits in a bounded
 in-memory backlog and is written, oldest first, before the next profile; only profiles
@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from bisect import insort
@@ -29,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import metrics
+from agent.atomic_file import TMP_PREFIX, write_atomically
 from agent.model import SeriesProfile
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 SINK_NAME = "local"
 PROFILE_SUFFIX = ".pb.gz"
 META_SUFFIX = ".json"
-TMP_PREFIX = ".tmp-"
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 # The backlog is bounded by bytes (what it costs); the count bound only guards against
 # millions of empty profiles. 64 MiB hold ~27 min of a node's windows at 20 series of
@@ -80,20 +79,6 @@ def sidecar(profile: SeriesProfile) -> bytes:
 def error_reason(exc: OSError) -> str:
     """A bounded metric label for an OSError: the errno name (enospc, erofs, ...)."""
     return errno.errorcode.get(exc.errno or 0, "oserror").lower()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either nothing or all of it."""
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())  # the rename must not outlive the data on a crash
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_stored(path: Path) -> StoredProfile | None:

@@ -1,6 +1,6 @@
 """Symbolize stage: addresses -> Locations (kallsyms, ELF symbols, DWARF via symbolic).
 
-Names are imported lazily so that the indexing child (index_child.py) starts lean.
+Names are imported lazily so that the SymCache child (symcache_child.py) starts lean.
 """
 
 from __future__ import annotations

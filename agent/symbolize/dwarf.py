@@ -1,7 +1,7 @@
 """Function, file and line with inlined frames from DWARF, through `symbolic`'s SymCache.
 
-A SymCache is built once per binary in a capped child (index_child.py), stored on
-disk (diskcache.py) and opened here by mmap: lookups read the mapped file, so a big
+A SymCache is built once per binary in a capped child (symcache_child.py), stored on
+disk (symbol_store.py) and opened here by mmap: lookups read the mapped file, so a big
 library costs page cache, not Python objects.
 """
 

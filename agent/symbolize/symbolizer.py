@@ -24,14 +24,12 @@ from typing import TYPE_CHECKING
 from agent.metrics import BINARY_ERRORS, SYMBOL_CACHE_BINARIES
 from agent.model import Frame, Location, Mapping, ProcessInfo
 from agent.symbolize.binaries import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
+from agent.symbolize.binary_index import BinaryIndex, DwarfState, vdso_binary
 from agent.symbolize.debugfiles import DEFAULT_DEBUG_DIRS
 from agent.symbolize.debuginfod import DebuginfodClient, Status, urls_from
-from agent.symbolize.diskcache import SymbolStore
 from agent.symbolize.dwarf import frame_of
+from agent.symbolize.dwarf_builder import BuildStats, DwarfBuilder
 from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id, runtime_to_elf_vaddr
-from agent.symbolize.index import BinaryIndex, DwarfState, vdso_binary
-from agent.symbolize.index_child import IndexLimits
-from agent.symbolize.indexing import BuildStats, DwarfBuilder
 from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.memo import (
     JIT_HIT,
@@ -48,6 +46,8 @@ from agent.symbolize.memo import (
     unnamed,
 )
 from agent.symbolize.perfmap import PerfMaps, is_jit_candidate
+from agent.symbolize.symbol_store import SymbolStore
+from agent.symbolize.symcache_child import IndexLimits
 
 if TYPE_CHECKING:
     from agent.config import Config

@@ -22,7 +22,7 @@ import pytest
 
 from agent.sampler import bpf_syscalls as bs
 from agent.sampler.bpf_map import BpfMap
-from agent.sampler.compile_child import CompiledProgram, compile_in_child
+from agent.sampler.compile_parent import CompiledProgram, compile_in_child
 from agent.sampler.kernel_headers import find_kernel_headers
 from agent.sampler.ringbuf import RingBuffer, record_span
 from tests.conftest import require_tool

@@ -18,10 +18,10 @@ import pytest
 
 from agent.sampler import bpf_syscalls as bs
 from agent.sampler import program_cache
-from agent.sampler.compile_child import CompiledProgram
+from agent.sampler.compile_parent import CompiledProgram
 from agent.sampler.kernel_headers import HeaderChoice, find_kernel_headers
 from agent.sampler.program_cache import ProgramCache, cache_key, compile_or_load
-from tests.bpf.test_compile_child import PROGRAMS, SOURCE
+from tests.bpf.test_compile_parent import PROGRAMS, SOURCE
 
 pytestmark = pytest.mark.bpf
 TAIL_CALLS = {"jumps": {0: "count_tail"}}

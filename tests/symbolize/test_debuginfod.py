@@ -20,7 +20,7 @@ import pytest
 
 from agent.metrics import DEBUGINFOD_BYTES, DEBUGINFOD_CACHE_HITS, DEBUGINFOD_REQUESTS
 from agent.model import Location, ProcessInfo
-from agent.symbolize.background import BackgroundIndexer
+from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.debuginfod import DebuginfodClient, Status, urls_from
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool

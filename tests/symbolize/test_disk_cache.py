@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.model import ProcessInfo
-from agent.symbolize.diskcache import SymbolStore, entry_name
+from agent.symbolize.symbol_store import SymbolStore, entry_name
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool
 from tests.symbolize.helpers import loader_mappings, runtime_address, symbol_vaddr

@@ -18,8 +18,8 @@ from elftools.elf.elffile import ELFFile
 from agent.metrics import BINARY_ERRORS
 from agent.model import Mapping, ProcessInfo
 from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id
-from agent.symbolize.index_child import IndexLimits
 from agent.symbolize.symbolizer import Symbolizer
+from agent.symbolize.symcache_child import IndexLimits
 from tests.conftest import require_tool
 from tests.symbolize.helpers import (
     DATA,

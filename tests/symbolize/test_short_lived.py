@@ -26,9 +26,9 @@ from agent.model import StackSample, Window
 from agent.pipeline import Pipeline, labeled_series
 from agent.process.cache import ProcessCache
 from agent.sampler import Sampler
-from agent.session import Stages
-from agent.symbolize.background import BackgroundIndexer
+from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.symbolizer import Symbolizer
+from agent.window_flow import Stages
 
 pytestmark = pytest.mark.bpf
 

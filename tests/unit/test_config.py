@@ -1,12 +1,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from agent.cli import build_parser
-from agent.config import ConfigError, build_config, parse_duration, parse_size
+from agent.config import (
+    OPTIONS,
+    Config,
+    ConfigError,
+    build_config,
+    parse_duration,
+    parse_size,
+    split_host_port,
+)
+from tests.conftest import REPO
 
 
 def config_for(argv: list[str], environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -153,3 +166,91 @@ def test_every_duration_and_size_has_bounds_and_names_the_flag(
             config_for(["run", flag, value])
     field = flag.removeprefix("--").replace("-", "_")
     assert getattr(config_for(["run", flag, fine]), field) > 0
+
+
+@pytest.mark.parametrize(
+    ("address", "listening", "expected"),
+    [
+        ("127.0.0.1:7071", False, ("127.0.0.1", 7071)),
+        ("parca.example.com:7070", False, ("parca.example.com", 7070)),
+        ("[::1]:7070", False, ("::1", 7070)),
+        ("[fe80::1%eth0]:7070", False, ("fe80::1%eth0", 7070)),
+        ("127.0.0.1:0", True, ("127.0.0.1", 0)),
+        ("0.0.0.0:65535", True, ("0.0.0.0", 65535)),
+    ],
+)
+def test_host_port_accepted(address: str, listening: bool, expected: tuple[str, int]) -> None:
+    assert split_host_port(address, listening=listening) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "listening", "reason"),
+    [
+        ("no-port", False, "is not HOST:PORT"),
+        (":7070", False, "is not HOST:PORT"),
+        ("host:", False, "is not HOST:PORT"),
+        ("host:http", False, "is not HOST:PORT"),
+        ("host:+80", False, "is not HOST:PORT"),
+        ("host:٨٠", False, "is not HOST:PORT"),  # non-ASCII digits
+        ("::1:7070", False, "in brackets"),
+        ("[::1:7070", False, "in brackets"),
+        ("[example.com]:7070", False, "not an IPv6 address"),
+        ("my host:7070", False, "whitespace"),
+        ("host:99999", True, "port out of range"),
+        ("host:0", False, r"port out of range \(1-65535\)"),
+    ],
+)
+def test_host_port_refused(address: str, listening: bool, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        split_host_port(address, listening=listening)
+
+
+def test_bad_http_address_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="flag --http-address: .*is not HOST:PORT"):
+        config_for(["run", "--http-address", "::1:7071"])
+    assert config_for(["run", "--http-address", "[::1]:0"]).http_address == "[::1]:0"
+
+
+def test_every_option_is_a_typed_config_field_and_every_field_an_option() -> None:
+    """Config declares a field per option of OPTIONS, in its order, of the type the
+    option's parser returns (Optional when the default is None), with its default."""
+    hints = typing.get_type_hints(Config)
+    fields = [f for f in dataclasses.fields(Config) if f.name != "sources"]
+    assert [f.name for f in fields] == [option.name for option in OPTIONS]
+    for option, field in zip(OPTIONS, fields, strict=True):
+        parsed = typing.get_type_hints(option.parse)["return"]
+        expected = parsed | None if option.default is None else parsed
+        assert hints[option.name] == expected, option.name
+        assert field.default == option.default, option.name
+        if option.default is not None:  # the default is a value the parser could return
+            origin = typing.get_origin(parsed) or parsed
+            assert isinstance(option.default, origin), option.name
+    assert Config().values == {option.name: option.default for option in OPTIONS}
+
+
+def test_a_misspelled_config_field_is_a_type_error(tmp_path: Path) -> None:
+    """No __getattr__ fallback: mypy refuses a field Config does not have."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from agent.config import Config\n"
+        "def hz(config: Config) -> int:\n"
+        "    return config.frequncy\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-incremental",
+            "--config-file",
+            "/dev/null",
+            "--ignore-missing-imports",
+            "--follow-imports=silent",
+            str(probe),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert '"Config" has no attribute "frequncy"' in result.stdout, result.stdout

@@ -9,7 +9,7 @@ import pytest
 
 from agent.gcpause import cycle_collection_paused
 from agent.model import StackSample, Window
-from agent.session import Stages, window_profiles
+from agent.window_flow import Stages, window_profiles
 
 
 def test_paused_inside_and_restored_after() -> None:

@@ -31,13 +31,13 @@ from agent.pull import PullEndpoint
 from agent.record import flamegraph_of
 from agent.sampler.convert import RawOffCpu, to_off_cpu_samples
 from agent.sampler.sampler import OffCpuSettings
-from agent.session import Stages, merged_profile, off_cpu_labels, window_profiles
 from agent.sinks.proto import profilestore_pb2 as pb
 from agent.sinks.remote import otlp, parca
+from agent.window_flow import Stages, merged_profile, off_cpu_labels, window_profiles
 from tests.unit import test_pull
 from tests.unit.test_config import config_for
 from tests.unit.test_pull import get
-from tests.unit.test_session import EXE, process, symbolize
+from tests.unit.test_window_flow import EXE, process, symbolize
 
 EFAULT = 14
 PERIOD_NS = 10_000_000
@@ -141,7 +141,7 @@ def test_longest_blocked_first_not_most_intervals() -> None:
     assert [s.user_stack for s in samples] == [(0x2,), (0x3,), (0x1,)]
 
 
-# --- session: window_profiles and merged_profile -------------------------------------
+# --- window_flow: window_profiles and merged_profile ---------------------------------
 
 
 def series(proc: ProcessInfo | None, _sample: StackSample) -> tuple[tuple[str, str], ...]:

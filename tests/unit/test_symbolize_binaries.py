@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.metrics import SYMBOL_CACHE_BINARIES
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
-from agent.symbolize.background import BackgroundIndexer
+from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.binaries import open_mapped_file, process_root
 from agent.symbolize.elf import ElfInfo
 from agent.symbolize.symbolizer import Symbolizer

@@ -14,11 +14,11 @@ from pathlib import Path
 from agent.metrics import FRAMES
 from agent.model import Location, Mapping, ProcessInfo, ProfileSample, StackSample, Window
 from agent.pprof import build_pprof
-from agent.session import Stages, window_profiles
 from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.memo import AddressSpaces
 from agent.symbolize.perfmap import PerfMaps
 from agent.symbolize.symbolizer import Symbolizer
+from agent.window_flow import Stages, window_profiles
 from tests.symbolize.helpers import loader_mappings
 
 KALLSYMS = Kallsyms.from_text("ffffffff81000000 T _stext\nffffffff81001000 T do_work\n")

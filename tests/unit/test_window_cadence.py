@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from agent.daemon import WindowLoop
 from agent.model import Window
-from agent.session import Stages
+from agent.window_flow import Stages
 
 WINDOW = 0.5
 PROCESSING = 0.35  # each window's processing takes most of a window

@@ -30,7 +30,8 @@ from typing import Any
 
 import grpc
 
-from agent.sinks.remote.config import RemoteStoreConfig, split_address
+from agent.config import split_host_port
+from agent.sinks.remote.config import RemoteStoreConfig
 
 log = logging.getLogger(__name__)
 Metadata = tuple[tuple[str, str], ...]
@@ -91,7 +92,7 @@ def _read(path: str) -> bytes:
 
 def fetch_server_certificate(address: str, timeout: float) -> tuple[bytes, str]:
     """(PEM, a name in it) of the certificate the server at `address` presents now."""
-    host, port = split_address(address)
+    host, port = split_host_port(address)
     loose = ssl.create_default_context()
     loose.check_hostname = False
     loose.verify_mode = ssl.CERT_NONE

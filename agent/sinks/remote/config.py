@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from agent.config import split_host_port
+
 PROTOCOLS = ("parca", "otlp")
 TOKEN_ENV = "STROBE_REMOTE_STORE_BEARER_TOKEN"
 MiB = 1024 * 1024
@@ -60,23 +62,12 @@ class RemoteStoreConfig:
         return self.bearer_token or os.environ.get(TOKEN_ENV, "")
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """("host", port) of HOST:PORT or [v6]:PORT; ValueError when malformed."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"address {address!r}: port out of range")
-    return host.strip("[]"), port
-
-
 def _problems(config: RemoteStoreConfig) -> list[str]:
     problems = []
     try:
-        split_address(config.address)
+        split_host_port(config.address)
     except ValueError as exc:
-        problems.append(str(exc))
+        problems.append(f"address {exc}")
     if config.protocol not in PROTOCOLS:
         problems.append(f"protocol {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if bool(config.cert_file) != bool(config.key_file):

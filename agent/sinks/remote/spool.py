@@ -3,11 +3,11 @@
 One file per request, named by its sequence number (`<seq>.<protocol>.req`), so a
 directory listing gives the delivery order back after a restart. A file is
 MAGIC + crc32(payload) + payload, written to a temporary name, fsynced, renamed, and
-the directory fsynced before append() returns: once appended, a request survives
-kill -9 and power loss. A crash mid-write leaves a `.tmp` that is cleaned up at start;
-a file that fails its checksum is dropped and counted, never sent. Deletes are not
-fsynced (they follow every delivery): after a power loss, files deleted in the last
-moments may come back and be sent again.
+the directory fsynced (agent/atomic_file.py) before append() returns: once appended, a
+request survives kill -9 and power loss. A crash mid-write leaves a `.tmp` that is
+cleaned up at start; a file that fails its checksum is dropped and counted, never sent.
+Deletes are not fsynced (they follow every delivery): after a power loss, files
+deleted in the last moments may come back and be sent again.
 
 Not thread-safe: RemoteSink calls it under its lock (reads happen outside, and a
 read of a file evicted meanwhile reports it as gone).
@@ -16,11 +16,12 @@ read of a file evicted meanwhile reports it as gone).
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 MAGIC = b"STROBE1\n"
@@ -71,7 +72,11 @@ class Spool:
         evicted = self._evict(self.max_bytes - size, keep)
         path = self.directory / f"{seq:016d}.{self.protocol}{SUFFIX}"
         try:
-            self._write_durably(path, MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload)
+            write_atomically(
+                path,
+                MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload,
+                temporary=path.with_name(f".{path.name}.tmp"),  # what start-up cleans up
+            )
         except OSError as exc:
             log.warning("spool: cannot write %s: %s", path, exc.strerror)
             return None, evicted
@@ -90,28 +95,6 @@ class Spool:
         except ValueError:  # already evicted
             pass
         entry.path.unlink(missing_ok=True)
-
-    def _write_durably(self, path: Path, data: bytes) -> None:
-        """Whole file or nothing under `path`, on disk (data and name) when this returns."""
-        temporary = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            raise
-        try:
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)  # the rename itself must survive a power loss
-            finally:
-                os.close(directory)
-        except OSError:
-            path.unlink(missing_ok=True)  # not durable: the caller keeps it elsewhere
-            raise
 
     def _evict(self, room: int, keep: int) -> list[SpoolEntry]:
         """Delete the oldest files (but `keep`) until `room` bytes remain: O(evicted)."""

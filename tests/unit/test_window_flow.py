@@ -4,7 +4,7 @@ import gzip
 
 from agent.model import Frame, Location, Mapping, ProcessInfo, StackSample, Window
 from agent.pprof.proto import profile_pb2
-from agent.session import Stages, merged_profile, window_profiles
+from agent.window_flow import Stages, merged_profile, window_profiles
 
 EXE = Mapping(start=0x400000, end=0x401000, offset=0, path="/usr/bin/app")
 

@@ -1,4 +1,5 @@
-"""Compile a bcc program in a short-lived child process and keep only its fds.
+"""Parent side of the BPF compile: run a bcc compile in a short-lived child process
+and keep only the fds it hands back.
 
 bcc compiles with LLVM inside the calling process: ~100+ MB of RSS that would stay
 for the agent's whole life. Here a child process (agent/sampler/compile_worker.py)

@@ -1,4 +1,5 @@
-"""A thread beside the sampling loop that builds the DWARF indexes symbolize() asked for."""
+"""BackgroundIndexer: the thread beside the sampling loop (`strobe-indexer`) that builds
+the DWARF indexes symbolize() asked for."""
 
 from __future__ import annotations
 

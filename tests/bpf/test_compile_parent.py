@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from agent.sampler import bpf_syscalls as bs
-from agent.sampler.compile_child import (
+from agent.sampler.compile_parent import (
     BpfCompileError,
     BpfCompileTimeout,
     CompiledProgram,
@@ -76,7 +76,7 @@ PARENT = r"""
 import json, struct, subprocess, sys, time
 config = json.loads(sys.argv[1])
 from agent.sampler import bpf_syscalls as bs
-from agent.sampler.compile_child import compile_in_child
+from agent.sampler.compile_parent import compile_in_child
 
 compiled = compile_in_child(config["source"], [], config["programs"], env=config["env"],
                             tail_calls={"jumps": {0: "count_tail"}})

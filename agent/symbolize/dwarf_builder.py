@@ -1,4 +1,5 @@
-"""From a binary to a ready DWARF index, the slow way round, beside the sampling loop.
+"""DwarfBuilder: from a binary to a ready DWARF index, the slow way round, beside the
+sampling loop.
 
     1. the disk cache has it (built by an earlier run or thread): map it, done
     2. a failure was recorded recently: ELF symbols only, until it expires
@@ -17,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.metrics import BINARY_ERRORS
-from agent.symbolize.debuginfod import DebuginfodClient, Status
-from agent.symbolize.diskcache import SymbolStore
-from agent.symbolize.dwarf import DwarfError, DwarfIndex
-from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
-from agent.symbolize.index import (
+from agent.symbolize.binary_index import (
     BinaryIndex,
     DwarfSource,
     DwarfState,
     checking_symbols,
     local_dwarf_source,
 )
-from agent.symbolize.index_child import IndexFailure, IndexLimits, build_symcache
+from agent.symbolize.debuginfod import DebuginfodClient, Status
+from agent.symbolize.dwarf import DwarfError, DwarfIndex
+from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
+from agent.symbolize.symbol_store import SymbolStore
+from agent.symbolize.symcache_child import IndexFailure, IndexLimits, build_symcache
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,13 @@
-"""One profiling window, from kernel samples to per-series profiles.
+"""The per-window flow: one drained Window in, one profile per series out.
 
 sample (Window) -> resolve process -> symbolize (-> Python frames merged in) -> label
 -> build pprof -> SeriesProfile. A window with off-CPU intervals (--off-cpu) makes a
 second set of profiles from them, kind OFF_CPU, their series told apart by a
-`profile_type="off-cpu"` label.
-The stages are passed in as small callables so this module is pure glue, testable
-without root; agent/daemon.py and agent/record.py compose the real ones.
+`profile_type="off-cpu"` label. `merged_profile` folds a window's series into one
+profile (`strobe record`); `profile_samples` stops before the pprof (`strobe top`, the
+pull endpoint's tap).
+The stages are passed in as small callables (`Stages`) so this module is pure glue,
+testable without root; agent/pipeline.py composes the real ones.
 """
 
 from __future__ import annotations

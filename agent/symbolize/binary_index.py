@@ -1,4 +1,5 @@
-"""One indexed binary: ELF symbols at once, DWARF frames once prepared."""
+"""BinaryIndex, one mapped file's symbols: ELF (and Go) at once, DWARF frames once its
+index is built; and where that binary's DWARF is to be found (`local_dwarf_source`)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class _Lookup:
 
 
 class BinaryIndex:
-    """A mapped file's symbols: `frames` is cheap; DWARF comes later (indexing.py)."""
+    """A mapped file's symbols: `frames` is cheap; DWARF comes later (dwarf_builder.py)."""
 
     def __init__(self, key: str, elf: ElfInfo, opened: OpenedBinary | None, mapped_path: str):
         self.key = key

@@ -1,4 +1,6 @@
-"""Build one SymCache in a short-lived child process, under a memory and a time cap.
+"""The SymCache child: build one SymCache in a short-lived child process, under a memory
+and a time cap. Both sides live here: `build_symcache` (parent) runs this module as
+the child (`_child_main`).
 
 DWARF of a hostile or simply enormous binary can take unbounded memory and time;
 in a child, RLIMIT_AS bounds the one and a wall timeout (SIGKILL) the other, and
@@ -6,7 +8,7 @@ whatever happens there cannot take the agent down. The child writes the SymCache
 to a file the parent then moves into the disk cache.
 
     parent: build_symcache(source, out, limits) -> BuildResult (or raises IndexFailure)
-    child:  python -m agent.symbolize.index_child SOURCE OUT MAX_MEMORY_BYTES
+    child:  python -m agent.symbolize.symcache_child SOURCE OUT MAX_MEMORY_BYTES NICE
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def child_command(source: Path, out: Path, limits: IndexLimits) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "agent.symbolize.index_child",
+        "agent.symbolize.symcache_child",
         str(source),
         str(out),
         str(limits.max_memory_bytes),
@@ -137,7 +139,7 @@ def _exits_within(pid: int, timeout: float) -> bool:
 
 def _child_main(argv: list[str]) -> int:
     if len(argv) != 4:
-        print("usage: index_child SOURCE OUT MAX_MEMORY_BYTES NICE", file=sys.stderr)
+        print("usage: symcache_child SOURCE OUT MAX_MEMORY_BYTES NICE", file=sys.stderr)
         return EXIT_USAGE
     source, out, max_memory, nice = argv[0], argv[1], int(argv[2]), int(argv[3])
     resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))

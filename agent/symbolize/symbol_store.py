@@ -1,4 +1,5 @@
-"""Symbol indexes on disk, so each build id is indexed once and survives restarts.
+"""SymbolStore: the symbol indexes (SymCaches) on disk, so each build id is indexed once
+and survives restarts.
 
 Layout under the store's directory, one entry per binary:
     <name>.symcache   the SymCache (opened by mmap: nothing big lives in Python)
