@@ -293,6 +293,7 @@ struct off_cpu_start {
     char comm[COMM_LEN];
 };
 
+#define TASK_DEAD_STATE 0x80  // include/linux/sched.h: the task's last switch-out
 #define OFFCPU_PERIOD_NS 100000000ULL  // the rate limit's period: 100 ms
 
 struct off_cpu_rate {
@@ -1136,8 +1137,9 @@ int on_sched_switch(struct bpf_raw_tracepoint_args *ctx) {
     if (ctx->args[0])
         return 0;  // preempted: still runnable, not waiting for anything
 #ifdef SCHED_SWITCH_PREV_STATE
-    if ((u32)ctx->args[3] == 0)
-        return 0;  // TASK_RUNNING: a yield, or rescheduled on the way back to user mode
+    u32 prev_state = (u32)ctx->args[3];
+    if (prev_state == 0 || (prev_state & TASK_DEAD_STATE))
+        return 0;  // TASK_RUNNING (a yield, a reschedule on the way to user mode) or exiting
 #endif
     u32 filter = control_value(CONTROL_PID_FILTER);
     if (filter != 0 && pid != filter)
