@@ -70,12 +70,15 @@ class Pipeline:
     def capture_new_processes(self, timeout_ms: int) -> None:
         """Read /proc for processes the kernel just saw, before they can exit. Changed
         ones (an exec: often short-lived) go before those merely sampled first (at start
-        the whole host), which stay readable."""
+        the whole host), which stay readable. Each capture is read once, here, and
+        handed on: the unwind workers route it as it is. A process already gone costs
+        nothing more (its last capture, if any, stays in the cache)."""
         news = self.sampler.poll_new_processes(timeout_ms=timeout_ms)
         for new in sorted(news, key=lambda new: not new.reread):
-            process = self.processes.capture(new.pid, reread=new.reread)
+            process = self.processes.capture_live(new.pid, reread=new.reread)
             if process is None:
                 continue
+            self.sampler.prepare_unwind(process, urgent=new.urgent)
             if self.python is not None:  # here, not behind the table workers' backlog
                 self.python.prepare_safely(process)
             if self.indexer is not None:
@@ -175,7 +178,7 @@ def build_pipeline(
             unwinder=config.unwinder,
             unwind_table_rows=config.unwind_table_rows,
             cache_dir=config.cache_dir,
-            read_process=processes.fresh,
+            unwind_captures=True,
             python=python,
             off_cpu=off_cpu_settings(config),
         ),

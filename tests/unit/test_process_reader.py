@@ -234,11 +234,19 @@ def test_real_process_captured_then_killed_is_still_attributed(c_binaries: Path)
     assert cache.get(pid) is None
 
 
-def test_a_capture_just_made_is_reused_instead_of_reading_proc_again() -> None:
-    """The unwind worker asks for a process right after an exec event's capture."""
-    cache = ProcessCache()
-    me = cache.capture(os.getpid())
-    assert me is not None
-    assert cache.fresh(os.getpid()) is me  # within FRESH_SECONDS: the same capture
-    again = cache.fresh(os.getpid(), max_age=-1)  # too old: /proc is read again
-    assert again is not None and again is not me and again.start_time == me.start_time
+def test_capture_live_gives_nothing_for_a_gone_process_that_capture_still_remembers(
+    tmp_path: Path,
+) -> None:
+    """The pipeline hands only live captures on (unwind tables, Python): a process gone
+    before its exec event was read costs nothing more, but its samples keep the last
+    capture."""
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    first = cache.capture_live(7)
+    assert first is not None
+    assert cache.capture_live(7) is first  # known and running: the same capture
+    (tmp_path / "7" / "stat").unlink()  # exited (after an exec: a reread is asked)
+    assert cache.capture_live(7, reread=True) is None
+    assert cache.capture_live(7) is None
+    assert cache.capture(7, reread=True) is first
+    assert cache.capture_live(8) is None and cache.capture(8) is None
