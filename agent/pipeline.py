@@ -9,11 +9,13 @@ metadata on the Kubernetes watch thread. A window ships with what is known.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.config import Config, ConfigError
 from agent.labels.guard import CardinalityGuard
@@ -23,6 +25,7 @@ from agent.labels.labeler import Labeler
 from agent.model import ProcessInfo, StackSample
 from agent.process.cache import ProcessCache
 from agent.python.unwinder import PythonUnwinder
+from agent.sampler.convert import NewProcess
 from agent.sampler.sampler import OffCpuSettings, Sampler
 from agent.session import Labels, SeriesLabels, Stages
 from agent.symbolize.background import BackgroundIndexer
@@ -30,6 +33,10 @@ from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.symbolizer import Symbolizer
 
 log = logging.getLogger(__name__)
+
+# An exec'd process is prepared for the walkers once it has run this long (or at its
+# first sample): see Pipeline.capture_new_processes.
+PREPARE_AFTER_SECONDS = 0.02
 
 
 def labeled_series(labeler: Labeler, guard: CardinalityGuard) -> SeriesLabels:
@@ -56,6 +63,12 @@ class Pipeline:
     indexer: BackgroundIndexer | None = None
     pod_watcher: KubernetesPodWatcher | None = None
     python: PythonUnwinder | None = None
+    prepare_after: float = PREPARE_AFTER_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    # pid -> (when to prepare it, its capture): exec'd processes not sampled yet, due first
+    _unprepared: OrderedDict[int, tuple[float, ProcessInfo]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
 
     def start(self) -> None:
         if self.indexer is not None:
@@ -72,17 +85,61 @@ class Pipeline:
         ones (an exec: often short-lived) go before those merely sampled first (at start
         the whole host), which stay readable. Each capture is read once, here, and
         handed on: the unwind workers route it as it is. A process already gone costs
-        nothing more (its last capture, if any, stays in the cache)."""
-        news = self.sampler.poll_new_processes(timeout_ms=timeout_ms)
+        nothing more (its last capture, if any, stays in the cache).
+
+        A process seen only exec'ing is captured at once (if a tick catches it before
+        it exits, its samples are named from this capture) but prepared for the walkers
+        (unwind routes, Python) only once it has run `prepare_after` seconds, or at its
+        first sample: under churn most exec'd processes (/bin/true, a probe) exit
+        before either, and then cost no routes to add and remove. A first sample within
+        that time keeps only its leaf frame (the walker meets code not routed yet, and
+        its unknown-code event has the process prepared at once)."""
+        news = self.sampler.poll_new_processes(timeout_ms=self._poll_timeout(timeout_ms))
         for new in sorted(news, key=lambda new: not new.reread):
-            process = self.processes.capture_live(new.pid, reread=new.reread)
+            process = self._capture(new)
             if process is None:
                 continue
-            self.sampler.prepare_unwind(process, urgent=new.urgent)
-            if self.python is not None:  # here, not behind the table workers' backlog
-                self.python.prepare_safely(process)
-            if self.indexer is not None:
-                self.indexer.watch(process)
+            if new.sampled:
+                self._prepare(process, urgent=new.urgent)
+            else:
+                self._unprepared[new.pid] = (self.clock() + self.prepare_after, process)
+        self._prepare_due()
+
+    def _capture(self, new: NewProcess) -> ProcessInfo | None:
+        """The live process's capture: read now, or the one of an exec'd process still
+        waiting to be prepared (moments old) when it is sampled now."""
+        waiting = self._unprepared.pop(new.pid, None)
+        if waiting is not None and not new.execed:
+            return waiting[1]
+        process = self.processes.capture_live(new.pid, reread=new.reread)
+        if process is not None and self.indexer is not None:
+            self.indexer.watch(process)
+        return process
+
+    def _poll_timeout(self, timeout_ms: int) -> int:
+        """timeout_ms, or less: until the first unprepared process is due."""
+        if not self._unprepared:
+            return timeout_ms
+        due, _ = next(iter(self._unprepared.values()))
+        return max(0, min(timeout_ms, math.ceil((due - self.clock()) * 1000)))
+
+    def _prepare_due(self) -> None:
+        """Prepare the exec'd processes that have run prepare_after and still do."""
+        now = self.clock()
+        while self._unprepared:
+            pid, (due, process) = next(iter(self._unprepared.items()))
+            if due > now:
+                return
+            del self._unprepared[pid]
+            if self.processes.is_running(process):
+                self._prepare(process, urgent=True)
+
+    def _prepare(self, process: ProcessInfo, urgent: bool) -> None:
+        """Unwind routes and tables (on the workers), and the Python walker (here, not
+        behind the table workers' backlog)."""
+        self.sampler.prepare_unwind(process, urgent=urgent)
+        if self.python is not None:
+            self.python.prepare_safely(process)
 
     def prepare_now(self, pids: Iterable[int], budget_seconds: float) -> None:
         """Index the binaries of `pids` synchronously (one-shot record), within a budget.

@@ -23,7 +23,7 @@ from pathlib import Path
 from agent.metrics import PROCESS_CACHE_SIZE, PROCESSES_SEEN
 from agent.model import ProcessInfo
 from agent.process.mapindex import MappingIndex
-from agent.process.reader import PROC, read_process, read_start
+from agent.process.reader import PROC, read_process, read_start, running
 
 MAX_COVERED = 1 << 16  # addresses remembered as mapped, per process
 
@@ -188,8 +188,9 @@ class ProcessCache:
             self._entries.popitem(last=False)
         PROCESS_CACHE_SIZE.set(len(self._entries))
 
+    def is_running(self, process: ProcessInfo) -> bool:
+        """Whether the captured process still runs (not gone, its pid not reused)."""
+        return running(process.pid, process.start_time, self._proc)
+
     def _is_alive(self, pid: int, start_time: int) -> bool:
-        try:
-            return read_start(pid, self._proc)[1] == start_time
-        except (OSError, ValueError):
-            return False
+        return running(pid, start_time, self._proc)

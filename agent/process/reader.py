@@ -46,6 +46,14 @@ def read_start(pid: int, proc: Path = PROC) -> tuple[str, int]:
     return parse_stat(read_text(f"{proc}/{pid}/stat"))
 
 
+def running(pid: int, start_time: int, proc: Path = PROC) -> bool:
+    """Whether the process that had this pid and start time still runs."""
+    try:
+        return read_start(pid, proc)[1] == start_time
+    except (OSError, ValueError):
+        return False
+
+
 def process_exists(pid: int, proc: Path = PROC) -> bool:
     """Whether `pid` names a live process (for refusing a --pid that cannot be profiled)."""
     return pid > 0 and (proc / str(pid)).is_dir()

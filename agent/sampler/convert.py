@@ -243,6 +243,10 @@ class NewProcess:
     # tables go before the backlog of processes merely first sampled (at start-up, the
     # whole host).
     urgent: bool = field(default=False, compare=False)
+    # A tick caught it on a CPU (its first sample, or the walker meeting unrouted code);
+    # else only its exec was seen, and it may well exit before any tick.
+    sampled: bool = field(default=False, compare=False)
+    execed: bool = field(default=False, compare=False)  # it exec'd (a new image)
 
 
 def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
@@ -252,12 +256,17 @@ def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
     events = [e for e in events if e.kind != EVENT_PYTHON_CODE]
     first = {e.pid for e in events if e.kind == EVENT_FIRST_SAMPLE}
     urgent = {e.pid for e in events if e.kind != EVENT_FIRST_SAMPLE}
+    sampled = {e.pid for e in events if e.kind != EVENT_EXEC}
+    execed = {e.pid for e in events if e.kind == EVENT_EXEC}
     changed = {
         e.pid
         for e in events
         if e.kind == EVENT_EXEC or (e.kind == EVENT_UNKNOWN_MAPPING and e.pid not in first)
     }
-    return [NewProcess(pid, pid in changed, pid in urgent) for pid in distinct_pids(events)]
+    return [
+        NewProcess(pid, pid in changed, pid in urgent, pid in sampled, pid in execed)
+        for pid in distinct_pids(events)
+    ]
 
 
 def distinct_pids(events: Iterable[PidEvent]) -> list[int]:
