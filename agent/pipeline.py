@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # An exec'd process is prepared for the walkers once it has run this long (or at its
 # first sample): see Pipeline.capture_new_processes.
 PREPARE_AFTER_SECONDS = 0.02
+# While pid events keep coming (churn), they are handled in batches at most this often
+# instead of one wake-up of the loop each (a wake-up cost more than the rest of an exec).
+BATCH_SECONDS = 0.005
 
 
 def labeled_series(labeler: Labeler, guard: CardinalityGuard) -> SeriesLabels:
@@ -64,7 +67,10 @@ class Pipeline:
     pod_watcher: KubernetesPodWatcher | None = None
     python: PythonUnwinder | None = None
     prepare_after: float = PREPARE_AFTER_SECONDS
+    batch_seconds: float = BATCH_SECONDS
     clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    _busy_at: float = field(default=-math.inf, init=False, repr=False)  # last batch's end
     # pid -> (when to prepare it, its capture): exec'd processes not sampled yet, due first
     _unprepared: OrderedDict[int, tuple[float, ProcessInfo]] = field(
         default_factory=OrderedDict, init=False, repr=False
@@ -93,7 +99,15 @@ class Pipeline:
         first sample: under churn most exec'd processes (/bin/true, a probe) exit
         before either, and then cost no routes to add and remove. A first sample within
         that time keeps only its leaf frame (the walker meets code not routed yet, and
-        its unknown-code event has the process prepared at once)."""
+        its unknown-code event has the process prepared at once).
+
+        Within `batch_seconds` of a batch (events, or processes due) it first waits out
+        the rest of that time, at most timeout_ms: under churn the loop then wakes at
+        most 1/batch_seconds times a second, for all that came meanwhile."""
+        rest = min(self._busy_at + self.batch_seconds - self.clock(), timeout_ms / 1000)
+        if rest > 0:
+            self.sleep(rest)
+            timeout_ms = max(0, timeout_ms - math.ceil(rest * 1000))
         news = self.sampler.poll_new_processes(timeout_ms=self._poll_timeout(timeout_ms))
         for new in sorted(news, key=lambda new: not new.reread):
             process = self._capture(new)
@@ -103,7 +117,8 @@ class Pipeline:
                 self._prepare(process, urgent=new.urgent)
             else:
                 self._unprepared[new.pid] = (self.clock() + self.prepare_after, process)
-        self._prepare_due()
+        if self._prepare_due() or news:
+            self._busy_at = self.clock()
 
     def _capture(self, new: NewProcess) -> ProcessInfo | None:
         """The live process's capture: read now, or the one of an exec'd process still
@@ -123,16 +138,19 @@ class Pipeline:
         due, _ = next(iter(self._unprepared.values()))
         return max(0, min(timeout_ms, math.ceil((due - self.clock()) * 1000)))
 
-    def _prepare_due(self) -> None:
-        """Prepare the exec'd processes that have run prepare_after and still do."""
-        now = self.clock()
+    def _prepare_due(self) -> bool:
+        """Prepare the exec'd processes that have run prepare_after and still do;
+        whether any was due."""
+        now, due_any = self.clock(), False
         while self._unprepared:
             pid, (due, process) = next(iter(self._unprepared.items()))
             if due > now:
-                return
+                break
             del self._unprepared[pid]
+            due_any = True
             if self.processes.is_running(process):
                 self._prepare(process, urgent=True)
+        return due_any
 
     def _prepare(self, process: ProcessInfo, urgent: bool) -> None:
         """Unwind routes and tables (on the workers), and the Python walker (here, not

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from agent.metrics import PROCESSES_SEEN
 from agent.model import ProcessInfo
 from agent.pipeline import Pipeline
@@ -22,6 +24,7 @@ from agent.sampler.convert import (
 from tests.unit.test_process_reader import MAPS_A, MAPS_B, counter, fake_proc
 
 PREPARE_AFTER = 0.02
+BATCH = 0.01
 
 
 class ScriptedSampler:
@@ -42,11 +45,18 @@ class ScriptedSampler:
 
 
 class Clock:
+    """Time that passes only when told to (or slept)."""
+
     def __init__(self) -> None:
         self.now = 100.0
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
 
 
 def pipeline_on(proc: Path) -> tuple[Pipeline, ScriptedSampler, Clock]:
@@ -61,7 +71,9 @@ def pipeline_on(proc: Path) -> tuple[Pipeline, ScriptedSampler, Clock]:
         guard=unused,
         labeler=unused,
         prepare_after=PREPARE_AFTER,
+        batch_seconds=BATCH,
         clock=clock,
+        sleep=clock.sleep,
     )
     return pipeline, sampler, clock
 
@@ -149,3 +161,25 @@ def test_a_process_first_seen_at_a_tick_is_prepared_at_once_behind_new_code(
     pipeline, sampler, _ = pipeline_on(tmp_path)
     poll(pipeline, sampler, PidEvent(11, EVENT_FIRST_SAMPLE))
     assert sampler.prepared == [(pipeline.processes.get(11), False)]
+
+
+def test_pid_events_that_keep_coming_are_handled_in_batches_not_one_wake_up_each(
+    tmp_path: Path,
+) -> None:
+    for pid in (20, 21, 22):
+        fake_proc(tmp_path, pid, 100, "true", MAPS_A)
+    pipeline, sampler, clock = pipeline_on(tmp_path)
+    poll(pipeline, sampler)  # quiet: no wait before the poll
+    poll(pipeline, sampler, PidEvent(20, EVENT_FIRST_SAMPLE))
+    assert clock.slept == []
+    clock.now += BATCH / 4
+    poll(pipeline, sampler, PidEvent(21, EVENT_FIRST_SAMPLE))  # right after a batch
+    assert clock.slept == [pytest.approx(BATCH * 3 / 4)]  # waited out the batch time first
+    clock.now += BATCH / 2
+    sampler.events = [PidEvent(22, EVENT_FIRST_SAMPLE)]
+    pipeline.capture_new_processes(timeout_ms=2)  # never longer than the caller allows
+    assert clock.slept[-1] == pytest.approx(0.002) and sampler.timeouts[-1] == 0
+    assert [p.pid for p, _ in sampler.prepared] == [20, 21, 22]
+    clock.now += 1
+    poll(pipeline, sampler)  # a second after the last batch: no wait
+    assert len(clock.slept) == 2
