@@ -9,11 +9,13 @@ metadata on the Kubernetes watch thread. A window ships with what is known.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.config import Config, ConfigError
 from agent.labels.guard import CardinalityGuard
@@ -23,6 +25,7 @@ from agent.labels.labeler import Labeler
 from agent.model import ProcessInfo, StackSample
 from agent.process.cache import ProcessCache
 from agent.python.unwinder import PythonUnwinder
+from agent.sampler.convert import NewProcess
 from agent.sampler.sampler import OffCpuSettings, Sampler
 from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.kallsyms import Kallsyms
@@ -30,6 +33,13 @@ from agent.symbolize.symbolizer import Symbolizer
 from agent.window_flow import Labels, SeriesLabels, Stages
 
 log = logging.getLogger(__name__)
+
+# An exec'd process is prepared for the walkers once it has run this long (or at its
+# first sample): see Pipeline.capture_new_processes.
+PREPARE_AFTER_SECONDS = 0.02
+# While pid events keep coming (churn), they are handled in batches at most this often
+# instead of one wake-up of the loop each (a wake-up cost more than the rest of an exec).
+BATCH_SECONDS = 0.005
 
 
 def labeled_series(labeler: Labeler, guard: CardinalityGuard) -> SeriesLabels:
@@ -56,6 +66,15 @@ class Pipeline:
     indexer: BackgroundIndexer | None = None
     pod_watcher: KubernetesPodWatcher | None = None
     python: PythonUnwinder | None = None
+    prepare_after: float = PREPARE_AFTER_SECONDS
+    batch_seconds: float = BATCH_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    _busy_at: float = field(default=-math.inf, init=False, repr=False)  # last batch's end
+    # pid -> (when to prepare it, its capture): exec'd processes not sampled yet, due first
+    _unprepared: OrderedDict[int, tuple[float, ProcessInfo]] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
 
     def start(self) -> None:
         if self.indexer is not None:
@@ -70,16 +89,75 @@ class Pipeline:
     def capture_new_processes(self, timeout_ms: int) -> None:
         """Read /proc for processes the kernel just saw, before they can exit. Changed
         ones (an exec: often short-lived) go before those merely sampled first (at start
-        the whole host), which stay readable."""
-        news = self.sampler.poll_new_processes(timeout_ms=timeout_ms)
+        the whole host), which stay readable. Each capture is read once, here, and
+        handed on: the unwind workers route it as it is. A process already gone costs
+        nothing more (its last capture, if any, stays in the cache).
+
+        A process seen only exec'ing is captured at once (if a tick catches it before
+        it exits, its samples are named from this capture) but prepared for the walkers
+        (unwind routes, Python) only once it has run `prepare_after` seconds, or at its
+        first sample: under churn most exec'd processes (/bin/true, a probe) exit
+        before either, and then cost no routes to add and remove. A first sample within
+        that time keeps only its leaf frame (the walker meets code not routed yet, and
+        its unknown-code event has the process prepared at once).
+
+        Within `batch_seconds` of a batch (events, or processes due) it first waits out
+        the rest of that time, at most timeout_ms: under churn the loop then wakes at
+        most 1/batch_seconds times a second, for all that came meanwhile."""
+        rest = min(self._busy_at + self.batch_seconds - self.clock(), timeout_ms / 1000)
+        if rest > 0:
+            self.sleep(rest)
+            timeout_ms = max(0, timeout_ms - math.ceil(rest * 1000))
+        news = self.sampler.poll_new_processes(timeout_ms=self._poll_timeout(timeout_ms))
         for new in sorted(news, key=lambda new: not new.reread):
-            process = self.processes.capture(new.pid, reread=new.reread)
+            process = self._capture(new)
             if process is None:
                 continue
-            if self.python is not None:  # here, not behind the table workers' backlog
-                self.python.prepare_safely(process)
-            if self.indexer is not None:
-                self.indexer.watch(process)
+            if new.sampled:
+                self._prepare(process, urgent=new.urgent)
+            else:
+                self._unprepared[new.pid] = (self.clock() + self.prepare_after, process)
+        if self._prepare_due() or news:
+            self._busy_at = self.clock()
+
+    def _capture(self, new: NewProcess) -> ProcessInfo | None:
+        """The live process's capture: read now, or the one of an exec'd process still
+        waiting to be prepared (moments old) when it is sampled now."""
+        waiting = self._unprepared.pop(new.pid, None)
+        if waiting is not None and not new.execed:
+            return waiting[1]
+        process = self.processes.capture_live(new.pid, reread=new.reread)
+        if process is not None and self.indexer is not None:
+            self.indexer.watch(process)
+        return process
+
+    def _poll_timeout(self, timeout_ms: int) -> int:
+        """timeout_ms, or less: until the first unprepared process is due."""
+        if not self._unprepared:
+            return timeout_ms
+        due, _ = next(iter(self._unprepared.values()))
+        return max(0, min(timeout_ms, math.ceil((due - self.clock()) * 1000)))
+
+    def _prepare_due(self) -> bool:
+        """Prepare the exec'd processes that have run prepare_after and still do;
+        whether any was due."""
+        now, due_any = self.clock(), False
+        while self._unprepared:
+            pid, (due, process) = next(iter(self._unprepared.items()))
+            if due > now:
+                break
+            del self._unprepared[pid]
+            due_any = True
+            if self.processes.is_running(process):
+                self._prepare(process, urgent=True)
+        return due_any
+
+    def _prepare(self, process: ProcessInfo, urgent: bool) -> None:
+        """Unwind routes and tables (on the workers), and the Python walker (here, not
+        behind the table workers' backlog)."""
+        self.sampler.prepare_unwind(process, urgent=urgent)
+        if self.python is not None:
+            self.python.prepare_safely(process)
 
     def prepare_now(self, pids: Iterable[int], budget_seconds: float) -> None:
         """Index the binaries of `pids` synchronously (one-shot record), within a budget.
@@ -175,7 +253,7 @@ def build_pipeline(
             unwinder=config.unwinder,
             unwind_table_rows=config.unwind_table_rows,
             cache_dir=config.cache_dir,
-            read_process=processes.fresh,
+            unwind_captures=True,
             python=python,
             off_cpu=off_cpu_settings(config),
         ),

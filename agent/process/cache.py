@@ -1,7 +1,9 @@
 """A bounded cache of processes keyed by pid + start time.
 
 Lifecycle the daemon follows each window:
-    capture(pid)      as early as a process is seen (so it is known even if it exits)
+    capture(pid)      as early as a process is seen (so it is known even if it exits);
+                      capture_live(pid) when the caller goes on to work on the live
+                      process (its unwind tables, its Python): not a past capture
     get(pid)          while attributing the window's samples (marks it used); a pid
                       that could not be read is not read again until end_window()
     get_covering(...) when an address may lie in code mapped after the capture
@@ -13,7 +15,6 @@ few windows passed without use), so samples drained after its exit are still nam
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,10 +23,9 @@ from pathlib import Path
 from agent.metrics import PROCESS_CACHE_SIZE, PROCESSES_SEEN
 from agent.model import ProcessInfo
 from agent.process.mapindex import MappingIndex
-from agent.process.reader import PROC, read_process, read_start
+from agent.process.reader import PROC, read_process, read_start, running
 
 MAX_COVERED = 1 << 16  # addresses remembered as mapped, per process
-FRESH_SECONDS = 0.05  # a capture this recent is as good as a new read of /proc
 
 
 @dataclass
@@ -34,7 +34,6 @@ class _Entry:
     used_this_window: bool = False
     refreshed_window: int = -1  # the window in which maps were last re-read
     dead_windows: int = 0  # windows ended since we found the process gone, unused
-    captured_at: float = field(default_factory=time.monotonic)  # when info was read
     # Built on first use and dropped with `info`: get_covering checks every address of
     # every stack, and most addresses repeat, so known ones cost one set lookup.
     _index: MappingIndex | None = None
@@ -42,7 +41,6 @@ class _Entry:
 
     def replace(self, info: ProcessInfo) -> None:
         self.info, self._index, self._covered = info, None, {0}
-        self.captured_at = time.monotonic()
 
     def covers(self, addresses: Iterable[int]) -> bool:
         """Whether every non-zero address lies in one of info's mappings."""
@@ -95,33 +93,34 @@ class ProcessCache:
         the image is new. When the process is gone, the last capture (if any) is
         returned: it is the best knowledge of what ran under this pid.
         """
+        info, past = self._capture(pid, reread)
+        return info if info is not None else past
+
+    def capture_live(self, pid: int, reread: bool = False) -> ProcessInfo | None:
+        """capture(), but None when the process is gone: only a capture of the live
+        process (read now, or known and found running with the same start time)."""
+        return self._capture(pid, reread)[0]
+
+    def _capture(self, pid: int, reread: bool) -> tuple[ProcessInfo | None, ProcessInfo | None]:
+        """(the live process's capture, else None; the last capture of a gone one)."""
         with self._lock:
             entry = self._entries.get(pid)
+            past = entry.info if entry is not None else None
             if entry is not None and not reread:  # known: is it still the same process?
                 try:
                     _, start_time = read_start(pid, self._proc)
                 except (OSError, ValueError):
-                    return entry.info
+                    return None, past
                 if entry.info.start_time == start_time:
                     self._entries.move_to_end(pid)
-                    return entry.info
+                    return entry.info, None
             info = read_process(pid, self._proc)  # counts its own read errors
             if info is None:
-                return entry.info if entry is not None else None
+                return None, past
             self._store(pid, _Entry(info))
             self._unreadable.discard(pid)
             PROCESSES_SEEN.inc()
-            return info
-
-    def fresh(self, pid: int, max_age: float = FRESH_SECONDS) -> ProcessInfo | None:
-        """The capture of pid if it was read within max_age seconds (an exec event's,
-        just now), else a new read: the unwind worker asks for the process right after
-        the capture, and /proc is read once per exec instead of twice."""
-        with self._lock:
-            entry = self._entries.get(pid)
-            if entry is not None and time.monotonic() - entry.captured_at <= max_age:
-                return entry.info
-        return read_process(pid, self._proc)
+            return info, None
 
     def get(self, pid: int) -> ProcessInfo | None:
         """The known process for pid (captured now if unknown); marks it used this window."""
@@ -189,8 +188,9 @@ class ProcessCache:
             self._entries.popitem(last=False)
         PROCESS_CACHE_SIZE.set(len(self._entries))
 
+    def is_running(self, process: ProcessInfo) -> bool:
+        """Whether the captured process still runs (not gone, its pid not reused)."""
+        return running(process.pid, process.start_time, self._proc)
+
     def _is_alive(self, pid: int, start_time: int) -> bool:
-        try:
-            return read_start(pid, self._proc)[1] == start_time
-        except (OSError, ValueError):
-            return False
+        return running(pid, start_time, self._proc)

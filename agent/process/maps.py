@@ -18,7 +18,11 @@ def parse_maps_line(line: str) -> Mapping | None:
     A " (deleted)" suffix is removed from file paths: the binary resolver verifies
     file identity (dev + inode) anyway, and falls back to map_files for deleted files.
     """
-    parts = line.split(None, 5)
+    return _mapping_of(line.split(None, 5))
+
+
+def _mapping_of(parts: list[str]) -> Mapping | None:
+    """A maps line split into at most six fields -> Mapping (see parse_maps_line)."""
     if len(parts) < 5:
         return None
     address, perms, offset, dev, inode = parts[:5]
@@ -50,6 +54,20 @@ def parse_maps(text: str) -> tuple[Mapping, ...]:
     # character, so splitlines() would cut paths holding "\r", "\x0b", "\x85", ...
     mappings = (parse_maps_line(line) for line in text.split("\n"))
     return tuple(m for m in mappings if m is not None)
+
+
+def parse_executable_maps(text: str) -> tuple[Mapping, ...]:
+    """The executable mappings of a maps text (those an instruction pointer can fall in):
+    parse_maps() filtered on "x" in perms, without building the others (a process maps
+    several times more data than code)."""
+    mappings = []
+    for line in text.split("\n"):
+        parts = line.split(None, 5)
+        if len(parts) >= 5 and "x" in parts[1]:
+            mapping = _mapping_of(parts)
+            if mapping is not None:
+                mappings.append(mapping)
+    return tuple(mappings)
 
 
 def parse_stat(text: str) -> tuple[str, int]:

@@ -8,7 +8,7 @@ loss deltas. Unit-tested without root.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from agent.model import StackSample
@@ -238,6 +238,14 @@ class NewProcess:
     # unknown-code event the capture lacks what was mapped since (a dlopen). Read
     # again now: a process that exits before the window ends can't be read then.
     reread: bool
+    # New code runs there now (an exec, or code the walker found unrouted): its unwind
+    # tables go before the backlog of processes merely first sampled (at start-up, the
+    # whole host).
+    urgent: bool = field(default=False, compare=False)
+    # A tick caught it on a CPU (its first sample, or the walker meeting unrouted code);
+    # else only its exec was seen, and it may well exit before any tick.
+    sampled: bool = field(default=False, compare=False)
+    execed: bool = field(default=False, compare=False)  # it exec'd (a new image)
 
 
 def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
@@ -246,12 +254,18 @@ def new_processes(events: Iterable[PidEvent]) -> list[NewProcess]:
     also first sampled now (a new process's first walk always meets unrouted code)."""
     events = [e for e in events if e.kind != EVENT_PYTHON_CODE]
     first = {e.pid for e in events if e.kind == EVENT_FIRST_SAMPLE}
+    urgent = {e.pid for e in events if e.kind != EVENT_FIRST_SAMPLE}
+    sampled = {e.pid for e in events if e.kind != EVENT_EXEC}
+    execed = {e.pid for e in events if e.kind == EVENT_EXEC}
     changed = {
         e.pid
         for e in events
         if e.kind == EVENT_EXEC or (e.kind == EVENT_UNKNOWN_MAPPING and e.pid not in first)
     }
-    return [NewProcess(pid, pid in changed) for pid in distinct_pids(events)]
+    return [
+        NewProcess(pid, pid in changed, pid in urgent, pid in sampled, pid in execed)
+        for pid in distinct_pids(events)
+    ]
 
 
 def distinct_pids(events: Iterable[PidEvent]) -> list[int]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -103,12 +103,14 @@ class Sampler:
         counts_entries: int = DEFAULT_COUNTS_ENTRIES,
         stack_entries: int = DEFAULT_STACK_ENTRIES,
         cache_dir: str | Path | None = None,
-        read_process: Callable[[int], ProcessInfo | None] | None = None,
+        unwind_captures: bool = False,
         python: PythonUnwinder | None = None,
         off_cpu: OffCpuSettings | None = None,
     ) -> None:
-        """read_process: how the unwind workers read a pid (default: /proc, afresh);
-        the pipeline passes its process cache's, which reuses a capture just made.
+        """unwind_captures: whoever polls hands each new process's capture to
+        prepare_unwind (the pipeline does, from its process cache), and the unwind
+        workers read nothing from /proc; else poll_new_processes queues the pids and the
+        workers read them.
         python: walk CPython frames too and tell it about them (needs the table
         unwinder; with frame pointers only it stays idle).
         off_cpu: also record blocked time (Window.off_cpu)."""
@@ -127,7 +129,7 @@ class Sampler:
         self._counts_entries = counts_entries
         self._stack_entries = stack_entries
         self._cache_dir = Path(cache_dir) if cache_dir else None  # headers tree, programs
-        self._read_process = read_process
+        self._unwind_captures = unwind_captures
         self._python = python
         self._off_cpu = off_cpu
         self._off_cpu_seen: tuple[int, ...] = ()
@@ -155,9 +157,7 @@ class Sampler:
             if program.table_unwinding:
                 if self._python is not None and program.python_frames:
                     self._python.use_maps(program)
-                self._unwind_worker = UnwindWorker(
-                    UnwindTables(program), read=self._read_process, python=self._python
-                )
+                self._unwind_worker = UnwindWorker(UnwindTables(program), python=self._python)
                 self._unwind_worker.start()
             self._window_start_ns = time.time_ns()
             program.attach()
@@ -203,11 +203,12 @@ class Sampler:
         """The table registry (None with frame pointers only)."""
         return self._unwind_worker.tables if self._unwind_worker else None
 
-    def prepare_unwind(self, process: ProcessInfo) -> None:
-        """Queue a process for its unwind tables (poll_new_processes already does this for
-        the pids it reports); never blocks; no-op without tables."""
+    def prepare_unwind(self, process: ProcessInfo, urgent: bool = True) -> None:
+        """Queue a capture for its unwind tables, routed as captured (poll_new_processes
+        queues the pids it reports unless unwind_captures); never blocks; no-op without
+        tables. urgent: new code runs there (NewProcess.urgent)."""
         if self._unwind_worker is not None:
-            self._unwind_worker.submit_pid(process.pid)
+            self._unwind_worker.submit(process, urgent)
 
     def wait_unwind_ready(self, timeout: float) -> bool:
         """Wait until every queued process has its tables (one-shot use and tests)."""
@@ -238,7 +239,7 @@ class Sampler:
             if event.kind == EVENT_PYTHON_CODE:
                 if python is not None:
                     python.note_code(event.pid, event.address)
-            elif worker is not None:  # tables for new code, read from /proc there
+            elif worker is not None and not self._unwind_captures:  # read from /proc there
                 worker.submit_pid(event.pid, urgent=event.kind != EVENT_FIRST_SAMPLE)
         return new_processes(events)
 

@@ -17,7 +17,8 @@ class BackgroundIndexer:
 
     The sampling side calls wake() after a window (or watch(process) for a new
     process); the thread indexes what is pending, then sleeps until woken or for
-    `interval` seconds.
+    `interval` seconds. A process whose binaries are all known already (under churn,
+    the same few again and again) is not handed over, and the thread is not woken.
     """
 
     def __init__(self, symbolizer: Symbolizer, interval: float = 5.0) -> None:
@@ -37,10 +38,18 @@ class BackgroundIndexer:
         self._wake.set()
 
     def watch(self, process: ProcessInfo) -> None:
-        """Index every binary of a process soon (e.g. right after it was captured)."""
+        """Index every binary of a process soon (e.g. right after it was captured), if
+        there is anything to do (Symbolizer.needs_prepare)."""
+        if not self._symbolizer.needs_prepare(process):
+            return
         with self._lock:
             self._processes.append(process)
         self._wake.set()
+
+    def queued(self) -> int:
+        """Processes handed over and not prepared yet."""
+        with self._lock:
+            return len(self._processes)
 
     def stop(self, timeout: float = 1.0) -> None:
         """Ask the thread to stop and wait briefly: an index being built (a child, up to

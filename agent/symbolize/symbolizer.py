@@ -344,6 +344,35 @@ class Symbolizer:
                 ready += self._index(binary)
         return ready
 
+    def needs_prepare(self, process: ProcessInfo) -> bool:
+        """Whether prepare(process) has anything to do: a file it maps that was never
+        opened (or whose failure is due a retry) or whose DWARF index is still to be
+        built (prepare reopens it through this live process), or JIT code (its perf map
+        is read while the process lives). A few dictionary lookups: under churn, new
+        processes map the same few binaries again and again."""
+        if any(is_jit_candidate(m) for m in process.mappings):
+            return True
+        now = time.monotonic()
+        with self._lock:
+            return any(self._unsettled(mapping, now) for mapping in process.mappings)
+
+    def _unsettled(self, mapping: Mapping, now: float) -> bool:
+        """Lock held. prepare() would open the mapping's file or build its index."""
+        if mapping.path == VDSO:
+            return self._vdso is None
+        if not mapping.path.startswith("/"):
+            return False  # nothing to read (anonymous memory, [vsyscall], ...)
+        return not self._settled((mapping.dev, mapping.inode, mapping.path), now)
+
+    def _settled(self, identity: FileIdentity, now: float) -> bool:
+        """Lock held. The file was opened and has no index left to build, or it failed
+        to open and is not due a retry yet."""
+        known = self._files.get(identity)
+        if isinstance(known, float):
+            return now - known < self._retry_seconds
+        binary = self._binaries.get(known) if known is not None else None
+        return binary is not None and binary.state is not DwarfState.PENDING
+
     def prepare_pending(self, limit: int | None = None) -> int:
         """Index binaries that symbolize() met without a DWARF index; returns how many."""
         ready = 0

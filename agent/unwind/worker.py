@@ -1,8 +1,10 @@
 """The threads that build unwind tables beside the sampling loop.
 
 Building a table takes up to seconds for a large binary, so pids are queued here and
-never block a drain. A worker reads a queued pid's mappings itself when it gets to
-it, so an exec or a dlopen since the pid was queued is seen. Two workers share the
+never block a drain. A pid comes with its capture (the pipeline's process cache read
+/proc at the event: it is not read again here), or alone, and then the worker reads its
+mappings when it gets to it. A newer capture of a queued pid replaces the older one, so
+an exec or a dlopen since the pid was queued is seen. Two workers share the
 queue: while one parses a big table (libclang-cpp: 900k rows, 4 s quiet, 15 s beside
 busy processes), the other keeps routing new processes of known binaries, which
 takes milliseconds. Between pids, and at least every `sweep_seconds`, exited
@@ -61,6 +63,8 @@ class UnwindWorker:
         ]
         self._stopped = threading.Event()
         self._queued: dict[int, int] = {}  # pid -> its best queued priority: once per turn
+        self._captures: dict[int, ProcessInfo] = {}  # queued pid -> its latest capture
+        self._preparing = 0  # pids taken off the queue and not prepared yet
         self._changed = threading.Condition()
         self.dropped = 0  # pids not queued because the queue was full
 
@@ -68,25 +72,37 @@ class UnwindWorker:
         for thread in self._threads:
             thread.start()
 
+    def submit(self, process: ProcessInfo, urgent: bool = True) -> None:
+        """Queue a capture whose tables should be (re)prepared, as captured (no /proc
+        read here); never blocks. Urgent as for submit_pid."""
+        self._submit(process.pid, urgent, process)
+
     def submit_pid(self, pid: int, urgent: bool = True) -> None:
-        """Queue a pid whose tables should be (re)prepared; never blocks. Urgent: new
-        code runs there now (an exec, code not routed yet); else a process first seen
-        (at start-up: the whole host), prepared after the urgent ones."""
+        """Queue a pid whose tables should be (re)prepared, read from /proc when its
+        turn comes; never blocks. Urgent: new code runs there now (an exec, code not
+        routed yet); else a process first seen (at start-up: the whole host), prepared
+        after the urgent ones."""
+        self._submit(pid, urgent, None)
+
+    def _submit(self, pid: int, urgent: bool, capture: ProcessInfo | None) -> None:
         priority = URGENT if urgent else BACKLOG
         with self._changed:
-            if self._queued.get(pid, priority + 1) <= priority:
-                return
-            try:
-                self._queue.put_nowait((priority, next(self._order), pid))
-            except queue.Full:
-                self.dropped += 1
-                return
-            self._queued[pid] = priority
+            if self._queued.get(pid, priority + 1) > priority:
+                try:
+                    self._queue.put_nowait((priority, next(self._order), pid))
+                except queue.Full:
+                    self.dropped += 1
+                    return
+                self._queued[pid] = priority
+            if capture is not None:
+                self._captures[pid] = capture  # the newest wins
+            else:
+                self._captures.pop(pid, None)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued pid was prepared (for tests and one-shot use)."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._queued, timeout)
+            return self._changed.wait_for(lambda: not self._queued and not self._preparing, timeout)
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self._sweep_seconds
@@ -97,27 +113,33 @@ class UnwindWorker:
                 pid = None
             if self._stopped.is_set():
                 return
-            if pid is not None and self._take(pid, priority):
-                self._prepare(pid)
-                with self._changed:
-                    self._changed.notify_all()
+            turn = self._take(pid, priority) if pid is not None else None
+            if turn is not None:
+                try:
+                    self._prepare(*turn)
+                finally:
+                    with self._changed:
+                        self._preparing -= 1
+                        self._changed.notify_all()
             if time.monotonic() >= next_sweep:
                 self._sweep()
                 next_sweep = time.monotonic() + self._sweep_seconds
 
-    def _take(self, pid: int, priority: int) -> bool:
-        """Whether this queue entry is the pid's current one (a more urgent entry made
-        a later one stale); the pid leaves the queued set before it is prepared, so a
-        new event during the prepare queues it again."""
+    def _take(self, pid: int, priority: int) -> tuple[int, ProcessInfo | None] | None:
+        """(pid, its capture if one came) when this queue entry is the pid's current one
+        (a more urgent entry made a later one stale), else None; the pid leaves the
+        queued set before it is prepared, so a new event during the prepare queues it
+        again."""
         with self._changed:
             if self._queued.get(pid) != priority:
-                return False
+                return None
             del self._queued[pid]
-            return True
+            self._preparing += 1
+            return pid, self._captures.pop(pid, None)
 
-    def _prepare(self, pid: int) -> None:
+    def _prepare(self, pid: int, capture: ProcessInfo | None) -> None:
         try:
-            process = self._read(pid)
+            process = capture if capture is not None else self._read(pid)
             if process is not None:  # else it exited: nothing left to unwind
                 self.tables.prepare(process)
         except Exception:  # one bad process must not stop the others

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from agent.metrics import PROCESS_READ_ERRORS, PROCESSES_SEEN
+from agent.process import reader
 from agent.process.cache import ProcessCache
 from agent.process.reader import read_process
 from tests.symbolize.helpers import exited_pid, running
@@ -56,6 +58,53 @@ def test_a_child_process_exe_and_start_time(c_binaries: Path) -> None:
         assert any(m.path == str(binary) for m in info.mappings)
         own = read_process(os.getpid())
         assert own is not None and info.start_time >= own.start_time
+
+
+def spawn_with_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """A new `sleep` under `pid` (just freed), or None when the kernel gave another
+    pid (needs root to steer the pid allocator)."""
+    for _ in range(20):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        child = subprocess.Popen(["sleep", "60"])
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait(timeout=10)
+    return None
+
+
+def test_a_process_that_exits_mid_read_is_not_captured_even_if_its_pid_is_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stat and exe are read, then the process exits and another takes its pid before
+    maps is read: the capture must not mix the two (it reads through one /proc/PID
+    directory, bound to the first process)."""
+    first = subprocess.Popen(["sleep", "60"])
+    successors: list[subprocess.Popen[bytes] | None] = []
+    real_read_exe = reader.read_exe
+
+    def exit_after_exe(directory: int) -> str:
+        exe = real_read_exe(directory)
+        first.kill()
+        first.wait(timeout=10)
+        successors.append(spawn_with_pid(first.pid))
+        return exe
+
+    monkeypatch.setattr(reader, "read_exe", exit_after_exe)
+    before = counter(PROCESS_READ_ERRORS, reason="vanished")
+    try:
+        assert read_process(first.pid) is None
+        assert counter(PROCESS_READ_ERRORS, reason="vanished") == before + 1
+    finally:
+        for successor in successors:
+            if successor is not None:
+                successor.kill()
+                successor.wait(timeout=10)
+    if successors[0] is None:
+        pytest.skip("could not give the pid to a new process (needs root): exit tested only")
 
 
 def fake_proc(root: Path, pid: int, start_time: int, comm: str, maps: str) -> None:
@@ -185,11 +234,19 @@ def test_real_process_captured_then_killed_is_still_attributed(c_binaries: Path)
     assert cache.get(pid) is None
 
 
-def test_a_capture_just_made_is_reused_instead_of_reading_proc_again() -> None:
-    """The unwind worker asks for a process right after an exec event's capture."""
-    cache = ProcessCache()
-    me = cache.capture(os.getpid())
-    assert me is not None
-    assert cache.fresh(os.getpid()) is me  # within FRESH_SECONDS: the same capture
-    again = cache.fresh(os.getpid(), max_age=-1)  # too old: /proc is read again
-    assert again is not None and again is not me and again.start_time == me.start_time
+def test_capture_live_gives_nothing_for_a_gone_process_that_capture_still_remembers(
+    tmp_path: Path,
+) -> None:
+    """The pipeline hands only live captures on (unwind tables, Python): a process gone
+    before its exec event was read costs nothing more, but its samples keep the last
+    capture."""
+    fake_proc(tmp_path, 7, 100, "a", MAPS_A)
+    cache = ProcessCache(proc=tmp_path)
+    first = cache.capture_live(7)
+    assert first is not None
+    assert cache.capture_live(7) is first  # known and running: the same capture
+    (tmp_path / "7" / "stat").unlink()  # exited (after an exec: a reread is asked)
+    assert cache.capture_live(7, reread=True) is None
+    assert cache.capture_live(7) is None
+    assert cache.capture(7, reread=True) is first
+    assert cache.capture_live(8) is None and cache.capture(8) is None

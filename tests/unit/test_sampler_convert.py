@@ -149,6 +149,15 @@ def test_new_processes_dedupe_in_order_and_mark_changed_images() -> None:
         NewProcess(9, reread=True),
         NewProcess(7, reread=True),
     ]
+    # New code runs in 5, 9 and 7 (tables before the backlog); 3, 5 and 7 ran at a tick,
+    # while 9 was only seen exec'ing (it may exit before any tick); 5 and 9 exec'd.
+    flags = {new.pid: (new.urgent, new.sampled, new.execed) for new in new_processes(events)}
+    assert flags == {
+        5: (True, True, True),
+        3: (False, True, False),
+        9: (True, False, True),
+        7: (True, True, False),
+    }
     assert new_processes([]) == []
 
 

@@ -164,3 +164,33 @@ def test_background_indexer_builds_what_symbolize_queued(c_binaries: Path) -> No
     finally:
         indexer.stop()
     assert symbolizer.pending() == 0
+
+
+def test_only_a_process_with_a_binary_left_to_open_or_index_is_handed_to_the_indexer(
+    c_binaries: Path, tmp_path: Path
+) -> None:
+    """Under churn the same few binaries come again and again: once they are open and
+    indexed, a new process mapping them gives the indexer thread nothing to do (and is
+    not handed over); a new binary, or JIT code, does."""
+    binary = c_binaries / "spin_pie"
+    symbolizer = Symbolizer(cache_dir=tmp_path)
+    with running([str(binary), "60"], mapped=str(binary)) as pid:
+        first = capture(pid)
+        assert symbolizer.needs_prepare(first)
+        symbolizer.prepare(first)
+        assert not symbolizer.needs_prepare(first)
+    with running([str(binary), "60"], mapped=str(binary)) as pid:
+        again = capture(pid)  # another process of the same binaries
+        assert again.pid != first.pid and not symbolizer.needs_prepare(again)
+        jit = Mapping(0x7F0000000000, 0x7F0000001000, 0, "", "00:00", 0, "r-xp")
+        assert symbolizer.needs_prepare(
+            ProcessInfo(again.pid, again.start_time, again.comm, again.exe, (*again.mappings, jit))
+        )
+    indexer = BackgroundIndexer(symbolizer)  # not started: what it was handed stays queued
+    indexer.watch(again)
+    assert indexer.queued() == 0
+    sleep = os.path.realpath("/bin/sleep")
+    with running([sleep, "60"], mapped=sleep) as pid:
+        other = capture(pid)
+        indexer.watch(other)
+        assert indexer.queued() == 1

@@ -427,6 +427,43 @@ def test_closing_the_worker_is_prompt_and_writes_nothing_after(
     assert maps.routes == {} and worker.tables.stats().processes == 0
 
 
+def test_a_capture_handed_to_the_worker_is_routed_as_captured_without_reading_proc(
+    sleepers: list[subprocess.Popen[bytes]],
+) -> None:
+    """The pipeline's capture is what the worker routes: /proc is read once per new
+    process. A newer capture of a pid still queued (an exec, a dlopen) replaces it."""
+    info = start_sleeper(sleepers)
+    older = dataclasses.replace(info, mappings=(libc_of(info),))
+    busy, release = threading.Event(), threading.Event()
+    reads: list[int] = []
+
+    def read(pid: int) -> ProcessInfo | None:
+        reads.append(pid)
+        busy.set()
+        release.wait(10)
+        return None
+
+    maps = MemoryMaps(1_000_000)
+    worker = UnwindWorker(UnwindTables(maps), read=read, threads=1)
+    worker.start()
+    try:
+        worker.submit_pid(1)  # holds the one thread while the captures queue up
+        assert busy.wait(10)
+        worker.submit(older)
+        worker.submit(info)
+        release.set()
+        assert worker.wait_idle(timeout=60)
+        assert reads == [1]  # only the pid that came without a capture was read
+        assert worker.tables.stats().processes == 1
+        libc = libc_of(info)
+        assert any(m.path != libc.path for m in info.mappings)
+        for mapping in info.mappings:  # the newer capture's every mapping, not just libc
+            prefix = address_prefixes(mapping.start, mapping.end)[0]
+            assert (info.pid, prefix) in maps.routes, mapping
+    finally:
+        worker.close()
+
+
 def test_new_code_is_prepared_before_the_start_up_backlog() -> None:
     """At start every running process is first seen at once; a process that execs then
     must not wait behind them all (its first window would be cut)."""
