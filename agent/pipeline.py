@@ -124,7 +124,7 @@ class Pipeline:
         """The live process's capture: read now, or the one of an exec'd process still
         waiting to be prepared (moments old) when it is sampled now."""
         waiting = self._unprepared.pop(new.pid, None)
-        if waiting is not None and not new.execed:
+        if waiting is not None and not new.reread:  # a re-read: mapped since (libpython)
             return waiting[1]
         process = self.processes.capture_live(new.pid, reread=new.reread)
         if process is not None and self.indexer is not None:
@@ -139,16 +139,20 @@ class Pipeline:
         return max(0, min(timeout_ms, math.ceil((due - self.clock()) * 1000)))
 
     def _prepare_due(self) -> bool:
-        """Prepare the exec'd processes that have run prepare_after and still do;
-        whether any was due."""
+        """Prepare the exec'd processes that have run prepare_after and still do, read
+        again (the capture at exec predates the libraries the loader maps, libpython
+        among them); whether any was due."""
         now, due_any = self.clock(), False
         while self._unprepared:
-            pid, (due, process) = next(iter(self._unprepared.items()))
+            pid, (due, _) = next(iter(self._unprepared.items()))
             if due > now:
                 break
             del self._unprepared[pid]
             due_any = True
-            if self.processes.is_running(process):
+            process = self.processes.capture_live(pid, reread=True)
+            if process is not None:
+                if self.indexer is not None:
+                    self.indexer.watch(process)
                 self._prepare(process, urgent=True)
         return due_any
 
