@@ -47,6 +47,9 @@ MAX_REMEMBERED_KEYS = 4096
 DEFAULT_IDLE_SECONDS = 600.0
 BIG_BINARY = 16 << 20  # bytes; libclang-cpp (63 MB) parses in 4 s quiet, 15 s under load
 _BINARY_KEYS: dict[str, str] = {}  # file identity (dev:inode:mtime:size) -> sharing key
+# A mapping's file as /proc/PID/maps names it (device, inode, path) -> its sharing key and
+# size: a process of binaries seen before is routed without a stat of them.
+_MAPPED_KEYS: dict[tuple[str, int, str], tuple[str, int]] = {}
 
 
 class UnwindMaps(Protocol):
@@ -435,9 +438,21 @@ def _vdso_source() -> BinarySource | None:
 
 
 def resolve_binary(pid: int, mapping: Mapping, proc: Path = PROC) -> BinarySource | None:
-    """The mapped file (or the vDSO) behind an executable mapping, keyed for sharing."""
+    """The mapped file (or the vDSO) behind an executable mapping, keyed for sharing.
+
+    A file mapped before (same device, inode and path in maps) gets its key without
+    being looked at: it is found and opened only if its table must be parsed (not
+    loaded, or freed since). Like the symbolizer's, this trusts that a file keeps its
+    inode's content while mapped (package managers replace files, which gives a new
+    inode)."""
     if mapping.path == VDSO:
         return _vdso_source()
+    if not mapping.path.startswith("/"):
+        return None  # anonymous memory (JIT code), [vsyscall]: no file
+    identity = (mapping.dev, mapping.inode, mapping.path)
+    known = _MAPPED_KEYS.get(identity)
+    if known is not None:
+        return BinarySource(known[0], functools.partial(_open_mapped, pid, mapping, proc), known[1])
     opened = open_mapped_file(pid, mapping, proc)
     if opened is None:
         return None
@@ -449,8 +464,15 @@ def resolve_binary(pid: int, mapping: Mapping, proc: Path = PROC) -> BinarySourc
             _BINARY_KEYS.clear()
         _BINARY_KEYS[opened.file_key] = key
     path = opened.path
-    try:
-        size = os.stat(path).st_size
-    except OSError:
-        size = 0
-    return BinarySource(key, lambda: open(path, "rb"), size)
+    if len(_MAPPED_KEYS) >= MAX_REMEMBERED_KEYS:
+        _MAPPED_KEYS.clear()
+    _MAPPED_KEYS[identity] = (key, opened.size)
+    return BinarySource(key, lambda: open(path, "rb"), opened.size)
+
+
+def _open_mapped(pid: int, mapping: Mapping, proc: Path) -> IO[bytes]:
+    """The mapping's file, found now (through the process while it lives)."""
+    opened = open_mapped_file(pid, mapping, proc)
+    if opened is None:
+        raise FileNotFoundError(f"{mapping.path} (pid {pid}) is gone")
+    return open(opened.path, "rb")

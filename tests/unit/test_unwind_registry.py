@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
 from agent.symbolize.elf import ElfInfo, runtime_to_elf_vaddr
+from agent.unwind import registry
 from agent.unwind.allocator import RowAllocator
 from agent.unwind.mappings import MappingTarget, Prefix, address_prefixes
 from agent.unwind.registry import UnwindTables, resolve_binary
@@ -380,6 +381,36 @@ def test_vdso_gets_a_table(sleepers: list[subprocess.Popen[bytes]]) -> None:
     maps = MemoryMaps(10_000)
     tables = UnwindTables(maps)
     assert tables.prepare(dataclasses.replace(info, mappings=tuple(vdso))) == 1
+
+
+def test_a_binary_mapped_before_is_keyed_without_a_look_at_its_file_and_found_when_needed(
+    sleepers: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under churn every new process maps the same few binaries: it is routed by their
+    maps identity, without a stat or an open. A table freed since is parsed again from
+    the file, found then through the process that maps it now."""
+    first = start_sleeper(sleepers)
+    maps = MemoryMaps(1_000_000)
+    tables = UnwindTables(maps, idle_seconds=0)  # a table is freed with its last process
+    with_tables = tables.prepare(first)
+    assert with_tables >= 3  # sleep, libc, ld.so (and the vDSO)
+    second = start_sleeper(sleepers)
+
+    def looked_at(pid: int, mapping: Mapping, proc: Path = Path("/proc")) -> None:
+        raise AssertionError(f"looked at {mapping.path}, known already")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(registry, "open_mapped_file", looked_at)
+        assert tables.prepare(second) == with_tables
+    libc = resolve_binary(first.pid, libc_of(first))
+    assert libc is not None and tables.table_users(libc.key) == {first.pid, second.pid}
+    stop(sleepers[0])
+    stop(sleepers[1])
+    tables.sweep()
+    assert tables.stats().rows_used == 0 and maps.routes == {}
+    third = start_sleeper(sleepers)
+    assert tables.prepare(third) == with_tables  # parsed again, files opened through it
+    assert tables.table_users(libc.key) == {third.pid} and tables.stats().rows_used > 0
 
 
 def test_worker_prepares_in_the_background_and_sweeps_exited_processes(
