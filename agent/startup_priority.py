@@ -5,11 +5,19 @@ CPU from exec to the first sample (imports, loading the BPF program, attaching) 
 5 s of wall time beside 20 busy loops on 2 CPUs (BENCHMARKS.md §13). When allowed
 (CAP_SYS_NICE: root), start-up runs at nice -10, about ten times the weight of a nice-0
 process, and once the sampler is attached every thread goes back to the nice it started
-with: the steady-state work (symbolizing, shipping) never competes harder than the
+with: the steady state work (symbolizing, shipping) never competes harder than the
 deployment configured (systemd's Nice=, the container's CPU weight).
 
 Linux keeps nice per thread and a new thread inherits its creator's, so the boost is set
 on the main thread before anything else starts, and the end walks /proc/self/task.
+
+With autogroups on (kernel.sched_autogroup_enabled, the default of most distributions)
+and no CPU cgroup of its own, the scheduler first shares the CPUs between sessions, and a
+thread's nice only orders it within its session: beside 20 busy loops each in its own
+session the thread nice alone gained nothing (BENCHMARKS.md §13a). So the session's
+autogroup is raised by the same step for start-up, and put back with the threads. That
+also raises whatever else runs in the agent's session (the shell of `strobe record`; a
+service is a session of its own) for that second.
 """
 
 from __future__ import annotations
@@ -17,34 +25,66 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 STARTUP_NICE_BOOST = -10
+AUTOGROUP = Path("/proc/self/autogroup")  # "/autogroup-280 nice 0"
 
 
 class StartupPriority:
-    """Raise the calling thread's priority now; `end()` puts every thread back."""
+    """Raise the calling thread's (and its session's) priority now; `end()` puts them back."""
 
-    def __init__(self) -> None:
+    def __init__(self, autogroup: Path = AUTOGROUP) -> None:
         self.original = os.getpriority(os.PRIO_PROCESS, 0)
+        self.autogroup = autogroup
+        self.autogroup_original = read_autogroup_nice(autogroup)
         self.boosted = False
-        target = max(-20, self.original + STARTUP_NICE_BOOST)
+        self.autogroup_boosted = False
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, target)
+            os.setpriority(os.PRIO_PROCESS, 0, boosted(self.original))
             self.boosted = True
         except OSError:  # no CAP_SYS_NICE: start at the configured priority
-            pass
+            return
+        if self.autogroup_original is not None:
+            self.autogroup_boosted = write_autogroup_nice(
+                autogroup, boosted(self.autogroup_original)
+            )
 
     def end(self) -> None:
-        """Every thread of this process back to the original nice (idempotent)."""
+        """Every thread of this process, and the session, back to the original nice
+        (idempotent)."""
         if not self.boosted:
             return
         self.boosted = False
         for tid in thread_ids():
             with contextlib.suppress(OSError):  # the thread has just exited
                 os.setpriority(os.PRIO_PROCESS, tid, self.original)
+        if self.autogroup_boosted and self.autogroup_original is not None:
+            self.autogroup_boosted = False
+            write_autogroup_nice(self.autogroup, self.autogroup_original)
         log.info("start-up ran at a raised priority; every thread back to nice %d", self.original)
+
+
+def boosted(nice: int) -> int:
+    return max(-20, nice + STARTUP_NICE_BOOST)
+
+
+def read_autogroup_nice(path: Path) -> int | None:
+    """The session's autogroup nice, or None (no autogroup support in this kernel)."""
+    try:
+        return int(path.read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_autogroup_nice(path: Path, nice: int) -> bool:
+    try:
+        path.write_text(str(nice))
+        return True
+    except OSError:  # EPERM without CAP_SYS_NICE, EAGAIN rate-limited without CAP_SYS_ADMIN
+        return False
 
 
 _startup: StartupPriority | None = None
