@@ -68,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     record.add_argument(
         "--symbolize-wait",
-        default="5s",
         metavar="DURATION",
         help="How long after sampling to wait for DWARF indexes and debuginfod downloads "
-        "(default 5s; 0: no wait); frames not ready by then keep their ELF name, or their "
+        "(0: no wait). Default: what is left of 5s after the duration, counted from the "
+        "start, less 1.5s to name the frames, at least 1s: the file is written about 5s "
+        "after the duration. Frames not ready by then keep their ELF name, or their "
         "address and mapping.",
     )
     add_arguments(record, RECORD)
@@ -165,7 +166,9 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
         args.pid,
         stop=stop_on_signals(),
         flamegraph=args.flamegraph,
-        symbolize_wait=parse_duration_arg("--symbolize-wait", args.symbolize_wait, allow_zero=True),
+        symbolize_wait=None
+        if args.symbolize_wait is None
+        else parse_duration_arg("--symbolize-wait", args.symbolize_wait, allow_zero=True),
     )
 
 

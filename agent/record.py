@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -12,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from agent import startup_priority
 from agent.atomic_file import write_atomically
 from agent.config import Config, ConfigError
 from agent.flamegraph import render_flamegraph
@@ -22,7 +24,13 @@ from agent.window_flow import merged_profile, window_profiles
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SYMBOLIZE_WAIT = 5.0  # seconds after sampling for DWARF indexes and downloads
+# Without --symbolize-wait the file is due RECORD_SLACK seconds after the duration
+# (counted from the command's start), BUILD_RESERVE of them kept for naming the frames and
+# encoding after the wait; the wait is at least MIN_SYMBOLIZE_WAIT (a cold program cache
+# alone can spend the slack).
+RECORD_SLACK = 5.0
+BUILD_RESERVE = 1.5
+MIN_SYMBOLIZE_WAIT = 1.0
 PROGRESS_SECONDS = 0.5
 
 
@@ -52,8 +60,12 @@ def sample_for(
         pipeline.capture_new_processes(timeout_ms=int(wait * 1000))
 
     pipeline.start()
+    # Sampling at a raised priority would also raise whatever shares our session (a
+    # workload started from the same shell) in the profile; symbolizing is waited on.
+    startup_priority.end()
     try:
         wait_sampling(duration, stop, tick)
+        startup_priority.again()
         return pipeline.sampler.drain()
     finally:
         # Only the sampler stops here: symbolizing still needs the rest (debuginfod).
@@ -111,15 +123,19 @@ def record(
     stop: threading.Event | None = None,
     tty: TextIO | None = None,
     flamegraph: Path | None = None,
-    symbolize_wait: float = DEFAULT_SYMBOLIZE_WAIT,
+    symbolize_wait: float | None = None,
 ) -> int:
+    started = time.monotonic() - process_age()
     check_outputs({"--output": output, "--flamegraph": flamegraph})
     kind = OFF_CPU if config.off_cpu else CPU
     pipeline = build_pipeline(config, pid=pid, background_indexing=False)
     show = tty if tty is not None else (sys.stderr if sys.stderr.isatty() else None)
     try:
         window = sample_for(pipeline, duration, stop or threading.Event(), show)
-        profile = symbolized_profile(pipeline, window, symbolize_wait, show, kind)
+        wait = (
+            default_symbolize_wait(started, duration) if symbolize_wait is None else symbolize_wait
+        )
+        profile = symbolized_profile(pipeline, window, wait, show, kind)
     finally:
         pipeline.close()
     samples: list[ProfileSample] = list(profile.samples) if profile else []
@@ -145,6 +161,22 @@ def record(
         what = f"{sum(s.count for s in window.samples)} samples"
     print(f"strobe: wrote {output} ({what}, {len(data)} bytes)", file=sys.stderr)
     return 0
+
+
+def process_age(stat: Path = Path("/proc/self/stat")) -> float:
+    """Seconds since this process started (its imports count against the slack too)."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, ticks after boot
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+
+
+def default_symbolize_wait(started: float, duration: float) -> float:
+    """What remains of duration + RECORD_SLACK since `started`, less BUILD_RESERVE."""
+    remaining = started + duration + RECORD_SLACK - BUILD_RESERVE - time.monotonic()
+    return max(MIN_SYMBOLIZE_WAIT, remaining)
 
 
 def flamegraph_of(samples: list[ProfileSample], pid: int | None, kind: str) -> str:

@@ -17,11 +17,15 @@ thread's nice only orders it within its session: beside 20 busy loops each in it
 session the thread nice alone gained nothing (BENCHMARKS.md §13a). So the session's
 autogroup is raised by the same step for start-up, and put back with the threads. That
 also raises whatever else runs in the agent's session (the shell of `strobe record`; a
-service is a session of its own) for that second.
+service is a session of its own) for that second. An autogroup outlives the agent while
+its session lives, so it is put back at exit too, and raised to an absolute nice (-10, or
+lower if set so) rather than by a step: an agent killed before it could put it back does
+not make the next one raise it further.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -48,9 +52,8 @@ class StartupPriority:
         except OSError:  # no CAP_SYS_NICE: start at the configured priority
             return
         if self.autogroup_original is not None:
-            self.autogroup_boosted = write_autogroup_nice(
-                autogroup, boosted(self.autogroup_original)
-            )
+            target = min(self.autogroup_original, STARTUP_NICE_BOOST)
+            self.autogroup_boosted = write_autogroup_nice(autogroup, target)
 
     def end(self) -> None:
         """Every thread of this process, and the session, back to the original nice
@@ -94,7 +97,16 @@ def begin() -> None:
     """Raise the priority for start-up (`strobe` and `python -m agent` only: a library
     caller, such as a test, keeps its own)."""
     global _startup
+    if _startup is None:
+        atexit.register(end)  # the session's autogroup outlives this process
     _startup = StartupPriority()
+
+
+def again() -> None:
+    """Raise it again after end(), if begin() raised it: for another burst of work someone
+    waits on (`strobe record` symbolizing after sampling)."""
+    if _startup is not None:
+        begin()
 
 
 def end() -> None:

@@ -336,3 +336,39 @@ def test_admin_port_in_use_is_one_line_naming_the_address_and_the_flag(tmp_path:
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert address in line and "--http-address" in line and "in use" in line
+
+
+def test_record_samples_at_the_priority_it_was_given(require_bpf: None, tmp_path: Path) -> None:
+    """Start-up and symbolizing run raised (a session's autogroup too), but not the
+    sampling: a workload started from the same shell would be raised in its own profile."""
+    record = subprocess.Popen(
+        [*STROBE, "record", "--duration", "4", "-o", str(tmp_path / "p.pb.gz")],
+        cwd=REPO,
+        env={**os.environ, "STROBE_CACHE_DIR": str(tmp_path / "cache")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its session's autogroup is its own
+    )
+    try:
+        assert record.stderr is not None
+        lines = []
+        for line in record.stderr:  # the log goes to stderr
+            lines.append(line)
+            if "sampler attached" in line:
+                break
+        assert record.poll() is None, "".join(lines)
+        time.sleep(1)  # into the countdown
+        autogroup = Path(f"/proc/{record.pid}/autogroup").read_text().split()[-1]
+        nices = {
+            os.getpriority(os.PRIO_PROCESS, int(tid))
+            for tid in os.listdir(f"/proc/{record.pid}/task")
+        }
+        _, rest = record.communicate(timeout=120)
+    finally:
+        if record.poll() is None:
+            record.kill()
+            record.wait()
+    assert record.returncode == 0, rest
+    assert autogroup == "0" and nices == {os.getpriority(os.PRIO_PROCESS, 0)}, (autogroup, nices)
+    assert "start-up ran at a raised priority" in "".join(lines) + rest

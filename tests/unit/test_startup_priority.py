@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,51 @@ def test_without_cap_sys_nice_start_up_keeps_its_priority() -> None:
     boosted, nice = result.stdout.split()
     assert boosted == "False"
     assert int(nice) == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+AUTOGROUP_CHECK = """
+import os, sys
+from pathlib import Path
+from agent import startup_priority
+Path("/proc/self/autogroup").write_text(sys.argv[1])
+startup_priority.begin()
+print(Path("/proc/self/autogroup").read_text().split()[-1], flush=True)
+if sys.argv[2] == "end":
+    startup_priority.end()
+    print(Path("/proc/self/autogroup").read_text().split()[-1], flush=True)
+"""
+
+
+def autogroup_run(before: int, end: str) -> list[int]:
+    """begin() (then end(), or just exit) in a session of its own, whose autogroup a
+    shell that stays in the session reads afterwards."""
+    script = f'{sys.executable} -c "$1" {before} {end}; cut -d" " -f3 /proc/self/autogroup'
+    result = subprocess.run(
+        ["sh", "-c", script, "sh", AUTOGROUP_CHECK],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,  # its own session: its own autogroup
+    )
+    return [int(line) for line in result.stdout.split()]
+
+
+def test_start_up_raises_the_sessions_autogroup_and_puts_it_back() -> None:
+    """With autogroups the scheduler shares CPUs between sessions first: a thread's nice
+    alone does not help against busy processes in other sessions."""
+    if not Path("/proc/self/autogroup").exists():
+        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
+    if os.geteuid() != 0:
+        if REQUIRE_BPF:
+            pytest.fail("raising a priority needs root")
+        pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
+    during, after_end, session_after = autogroup_run(0, "end")
+    assert (during, after_end, session_after) == (STARTUP_NICE_BOOST, 0, 0)
+    during, session_after = autogroup_run(0, "exit")  # no end(): put back at exit
+    assert (during, session_after) == (STARTUP_NICE_BOOST, 0)
+    # An absolute target: a session left raised (an agent killed before putting it back)
+    # is not raised further, and one set lower by its owner is left so.
+    assert autogroup_run(-10, "end") == [-10, -10, -10]
+    assert autogroup_run(-15, "end") == [-15, -15, -15]
+    assert autogroup_run(5, "end") == [STARTUP_NICE_BOOST, 5, 5]
