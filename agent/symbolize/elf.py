@@ -9,10 +9,9 @@ non-PIE executables and shared libraries alike:
 from __future__ import annotations
 
 import bisect
-import itertools
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -81,6 +80,65 @@ GO_SECTION_NAMES = frozenset(
 )
 
 
+class FoundSymbols:
+    """Function symbols as found, before one is chosen per address: their values, sizes
+    and ranks in arrays and their names as references into the string tables they came
+    from. No Python object per symbol: a large C++ binary (node: 79k functions) parsed
+    into tuples and strings peaked at 90 MiB and left the agent 47 MiB bigger for 9 MiB
+    of table, small objects from the parse pinning the allocator's arenas."""
+
+    def __init__(self) -> None:
+        self.values = array("Q")
+        self.sizes = array("Q")
+        self.ranks = array("B")  # (sized, global, no leading "_") as bits: best highest
+        self.refs = array("Q")  # string table index << 32 | offset of the name
+        self._extra = bytearray()  # names added one by one (PLT stubs, tests)
+        self.tables: list[bytes | bytearray] = [self._extra]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, value: int, size: int, name: str, is_global: bool) -> None:
+        raw = name.encode("utf-8", "surrogateescape")
+        if raw:
+            self._append(value, size, is_global, raw[0], len(self._extra))
+            self._extra += raw + b"\0"
+
+    def add_table(self, data: bytes, strings: bytes, elfclass: int, little_endian: bool) -> None:
+        """The defined functions of one .symtab or .dynsym and its string table."""
+        order = "<" if little_endian else ">"
+        # Elf64_Sym: name, info, other, shndx, value, size; Elf32_Sym: name, value, size, ...
+        layout = struct.Struct(order + ("IBBHQQ" if elfclass == 64 else "IIIBBH"))
+        usable = len(data) - len(data) % layout.size
+        table = len(self.tables) << 32
+        self.tables.append(strings)
+        wide = elfclass == 64
+        for fields in layout.iter_unpack(data[:usable]):
+            if wide:
+                name_offset, info, _, shndx, value, size = fields
+            else:
+                name_offset, value, size, info, _, shndx = fields
+            if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == SHN_UNDEF or not value:
+                continue
+            if name_offset >= len(strings) or not strings[name_offset]:
+                continue
+            self._append(value, size, info >> 4 == STB_GLOBAL, strings[name_offset], 0)
+            self.refs[-1] = table | name_offset
+
+    def _append(self, value: int, size: int, is_global: bool, first: int, offset: int) -> None:
+        self.values.append(value)
+        self.sizes.append(size)
+        self.ranks.append((size > 0) << 2 | is_global << 1 | (first != 0x5F))  # 0x5F: "_"
+        self.refs.append(offset)
+
+    def name(self, index: int) -> bytes:
+        ref = self.refs[index]
+        table = self.tables[ref >> 32]
+        start = ref & 0xFFFFFFFF
+        end = table.find(b"\0", start)
+        return bytes(table[start : end if end >= 0 else len(table)])
+
+
 class SymbolTable:
     """Function symbols sorted by address; lookup by bisection, sizes honoured.
 
@@ -89,27 +147,50 @@ class SymbolTable:
     per symbol would cost ~150 bytes each for every binary the agent keeps.
     """
 
-    def __init__(self, symbols: list[RawSymbol]) -> None:
-        # One name per address: the best of aliases (sized, global, no leading "_").
-        best: dict[int, tuple[int, str, tuple[bool, bool, bool]]] = {}
-        for value, size, name, is_global in symbols:
-            rank = (size > 0, is_global, not name.startswith("_"))
-            current = best.get(value)
-            if current is None or rank > current[2]:
-                best[value] = (size, name, rank)
-        starts = sorted(best)
-        self._starts = array("Q", starts)
-        self._sizes = array("Q", (best[start][0] for start in starts))
-        names = [best[start][1].encode("utf-8", "surrogatepass") for start in starts]
-        self._name_ends = array("Q", itertools.accumulate(len(name) for name in names))
-        self._names = b"".join(names)
+    def __init__(self, symbols: FoundSymbols | Iterable[RawSymbol]) -> None:
+        found = symbols if isinstance(symbols, FoundSymbols) else _found(symbols)
+        values, sizes = found.values, found.sizes
+        # One name per address: the best of aliases (sized, global, no leading "_"), the
+        # first found of equals. A stable sort by (address, rank) puts it first among the
+        # highest ranks, at the end of its address's run.
+        order = sorted(range(len(found)), key=lambda i: values[i] << 3 | found.ranks[i])
+        self._starts = array("Q")
+        self._sizes = array("Q")
+        self._name_ends = array("Q")
+        names = bytearray()
         # The other names of a sized symbol (same start and size): few per binary.
         self._aliases: dict[int, tuple[str, ...]] = {}
-        for value, size, name, _ in symbols:
-            kept_size, kept_name, _ = best[value]
-            others = self._aliases.get(value, ())
-            if size and size == kept_size and name != kept_name and name not in others:
-                self._aliases[value] = (*others, name)
+        run_start = 0
+        for position in range(1, len(order) + 1):
+            if position < len(order) and values[order[position]] == values[order[run_start]]:
+                continue
+            run = order[run_start:position]
+            best_rank = found.ranks[run[-1]]
+            kept = next(i for i in run if found.ranks[i] == best_rank)
+            kept_name = found.name(kept)
+            self._starts.append(values[kept])
+            self._sizes.append(sizes[kept])
+            names += kept_name
+            self._name_ends.append(len(names))
+            if len(run) > 1:
+                self._add_aliases(found, sorted(run), kept, kept_name)
+            run_start = position
+        self._names = bytes(names)
+
+    def _add_aliases(
+        self, found: FoundSymbols, run: list[int], kept: int, kept_name: bytes
+    ) -> None:
+        size = found.sizes[kept]
+        if not size:
+            return
+        others: list[bytes] = []
+        for index in run:  # in the order found
+            name = found.name(index)
+            if found.sizes[index] == size and name != kept_name and name not in others:
+                others.append(name)
+        if others:
+            value = found.values[kept]
+            self._aliases[value] = tuple(_decode(name) for name in others)
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -136,7 +217,7 @@ class SymbolTable:
 
     def _name(self, index: int) -> str:
         start = self._name_ends[index - 1] if index else 0
-        return self._names[start : self._name_ends[index]].decode("utf-8", "surrogatepass")
+        return _decode(self._names[start : self._name_ends[index]])
 
     def address_of(self, name: str) -> int | None:
         """Address of the function called `name` (mangled), for tests and tools."""
@@ -144,6 +225,17 @@ class SymbolTable:
             if self._name(index) == name:
                 return start
         return None
+
+
+def _decode(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")  # a symbol name is bytes, not always UTF-8
+
+
+def _found(symbols: Iterable[RawSymbol]) -> FoundSymbols:
+    found = FoundSymbols()
+    for value, size, name, is_global in symbols:
+        found.add(value, size, name, is_global)
+    return found
 
 
 @dataclass(frozen=True)
@@ -332,40 +424,21 @@ def _has_dwarf(elf: ELFFile) -> bool:
     return False
 
 
-def _function_symbols(elf: ELFFile) -> list[RawSymbol]:
-    """(value, size, name) of defined functions in .symtab and .dynsym, and PLT stubs.
+def _function_symbols(elf: ELFFile) -> FoundSymbols:
+    """Defined functions in .symtab and .dynsym, and PLT stubs.
 
     Parsed with struct rather than pyelftools' per-symbol objects: ~10x faster on
     large libraries, and this runs on the sampling path.
     """
-    symbols: list[RawSymbol] = []
+    found = FoundSymbols()
     for section_name in (".symtab", ".dynsym"):
-        if len(symbols) >= MAX_SYMBOLS:
+        if len(found) >= MAX_SYMBOLS:
             break
         section = elf.get_section_by_name(section_name)
         if section is None or section["sh_type"] == "SHT_NOBITS":
             continue
         strings = elf.get_section(section["sh_link"]).data()
-        symbols.extend(_parse_symbols(section.data(), strings, elf.elfclass, elf.little_endian))
-    return symbols + plt_symbols(elf)
-
-
-def _parse_symbols(
-    data: bytes, strings: bytes, elfclass: int, little_endian: bool
-) -> Iterator[RawSymbol]:
-    order = "<" if little_endian else ">"
-    # Elf64_Sym: name, info, other, shndx, value, size; Elf32_Sym: name, value, size, info, ...
-    layout = struct.Struct(order + ("IBBHQQ" if elfclass == 64 else "IIIBBH"))
-    usable = len(data) - len(data) % layout.size
-    for fields in layout.iter_unpack(data[:usable]):
-        if elfclass == 64:
-            name_offset, info, _, shndx, value, size = fields
-        else:
-            name_offset, value, size, info, _, shndx = fields
-        if info & 0xF not in (STT_FUNC, STT_GNU_IFUNC) or shndx == SHN_UNDEF or not value:
-            continue
-        end = strings.find(b"\0", name_offset)
-        name = strings[name_offset : end if end >= 0 else len(strings)]
-        if not name:
-            continue
-        yield value, size, name.decode("utf-8", "surrogateescape"), info >> 4 == STB_GLOBAL
+        found.add_table(section.data(), strings, elf.elfclass, elf.little_endian)
+    for value, size, name, is_global in plt_symbols(elf):
+        found.add(value, size, name, is_global)
+    return found
