@@ -40,19 +40,20 @@ def churn(rate: int, seconds: float) -> int:
     return count
 
 
-def cpu_over(agent: Agent, seconds: float, rate: int) -> tuple[float, int]:
-    before = tree_cpu_seconds(agent.pid)
+def cpu_over(pid: int, seconds: float, rate: int) -> tuple[float, int]:
+    """CPU seconds of the process tree of `pid` over `seconds` of churn at `rate` (0: idle)."""
+    before = tree_cpu_seconds(pid)
     execs = churn(rate, seconds) if rate else (time.sleep(seconds) or 0)
-    return tree_cpu_seconds(agent.pid) - before, execs
+    return tree_cpu_seconds(pid) - before, execs
 
 
-def measure_repeated(agent: Agent, rate: int, seconds: float, repeats: int) -> dict[str, Any]:
+def measure_repeated(pid: int, rate: int, seconds: float, repeats: int) -> dict[str, Any]:
     """idle, churn, idle, ..., idle: each churn span against the idle spans beside it."""
-    idles = [cpu_over(agent, seconds, 0)[0]]
+    idles = [cpu_over(pid, seconds, 0)[0]]
     spans = []
     for _ in range(repeats):
-        cpu, execs = cpu_over(agent, seconds, rate)
-        idles.append(cpu_over(agent, seconds, 0)[0])
+        cpu, execs = cpu_over(pid, seconds, rate)
+        idles.append(cpu_over(pid, seconds, 0)[0])
         idle = (idles[-2] + idles[-1]) / 2
         spans.append((1000 * max(0.0, cpu - idle) / max(1, execs), cpu, idle, execs))
     per_exec = [span[0] for span in spans]
@@ -81,13 +82,13 @@ def measure(
         agent.wait_settled(share=0.02, interval=5.0)  # start-up's tables and indexes done
         if repeats:
             for rate in rates:
-                results.append(measure_repeated(agent, rate, seconds, repeats))
+                results.append(measure_repeated(agent.pid, rate, seconds, repeats))
                 print({k: v for k, v in results[-1].items() if k != "spans"}, flush=True)
             return results
-        first_idle, _ = cpu_over(agent, seconds, 0)
+        first_idle, _ = cpu_over(agent.pid, seconds, 0)
         for rate in rates:
-            idle = min(first_idle, cpu_over(agent, seconds, 0)[0])
-            cpu, execs = cpu_over(agent, seconds, rate)
+            idle = min(first_idle, cpu_over(agent.pid, seconds, 0)[0])
+            cpu, execs = cpu_over(agent.pid, seconds, rate)
             per_exec_ms = 1000 * max(0.0, cpu - idle) / max(1, execs)
             results.append(
                 {

@@ -5,10 +5,11 @@ Per run and tool, from the moment the process is spawned (polled every 10 ms):
   CPUs (the per-CPU sampling events are open; the same method for all three tools);
 - attached (Strobe only): the stderr line "sampler attached" arrives;
 - wall: until the process exits.
-Tools: `strobe record` at 99 Hz for 3 s with a warm program cache (one record before
-the runs fills it) and a cold one (a fresh --cache-dir per run: headers merged, BPF
-compiled); `perf record -a -g -F 99 -- sleep 3`; `profile-bpfcc -F 99 -f 3`. Each
-condition (quiet, then N busy shell loops) runs every tool in turn, --runs times.
+Tools: `strobe run` (warm; stopped 3 s after its events are on); `strobe record` at
+99 Hz for 3 s with a warm program cache (one record before the runs fills it) and a cold
+one (a fresh --cache-dir per run: headers merged, BPF compiled); `perf record -a -g
+-F 99 -- sleep 3`; `profile-bpfcc -F 99 -f 3`. Each condition (quiet, then N busy shell
+loops, each in a session of its own) runs every tool in turn, --runs times.
 Needs root.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +49,9 @@ def bcc_environment() -> dict[str, str]:
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Events on, attached and wall time; a daemon (`strobe run`) is stopped with SIGTERM
+    3 s after its events are on, and has no wall time."""
+    daemon = "run" in cmd
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -70,8 +75,11 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, floa
     while proc.poll() is None:
         if events_on != events_on and perf_fds(proc.pid) >= NCPU:
             events_on = time.monotonic() - started
+        if daemon and time.monotonic() - started > events_on + 3:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
         time.sleep(0.01)
-    wall = time.monotonic() - started
+    wall = float("nan") if daemon else time.monotonic() - started
     reader.join(timeout=5)
     if proc.returncode != 0:
         print(f"warning: {cmd[0]} exited {proc.returncode}", file=sys.stderr)
@@ -88,6 +96,9 @@ def commands(out: Path) -> dict[str, list[str] | None]:
     return {
         "Strobe, warm cache": strobe,
         "Strobe, cold cache": None,  # a fresh --cache-dir per run, made in main()
+        "Strobe run (the daemon), warm": [".venv/bin/python", "-m", "agent", "run"]
+        + ["--frequency", "99", "--local-store", str(out / "store")]
+        + ["--http-address", "127.0.0.1:0"],
         "perf record -a -g": ["perf", "record", "-q", "-a", "-g", "-F", "99"]
         + ["-o", str(out / "perf.data"), "--", "sleep", "3"],
         "bcc profile": ["/usr/sbin/profile-bpfcc", "-F", "99", "-f", "3"],
@@ -104,7 +115,9 @@ def cell(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--busy", type=int, default=20, help="busy loops, second condition")
+    parser.add_argument(
+        "--busy", default="20,50", help="busy loops of the conditions after quiet, comma-separated"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root")
@@ -116,7 +129,7 @@ def main() -> None:
         assert warm is not None
         bcc_env = bcc_environment()
         measure(warm)  # fills the default program cache
-        for busy in (0, args.busy):
+        for busy in (0, *(int(n) for n in args.busy.split(","))):
             loops = [
                 subprocess.Popen(["sh", "-c", "while :; do :; done"], start_new_session=True)
                 for _ in range(busy)
