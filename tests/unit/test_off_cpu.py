@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2 as svc
 
-from agent.admin import AdminServer
-from agent.capture import Tap, merge_windows
+from agent.admin.pull import PullEndpoint
+from agent.admin.server import AdminServer
+from agent.admin.taps import Tap, merge_windows
+from agent.commands.record import flamegraph_of
 from agent.config import ConfigError
 from agent.model import (
     CPU,
@@ -27,8 +29,6 @@ from agent.model import (
 )
 from agent.pipeline import off_cpu_settings
 from agent.pprof.builder import build_pprof, parse_pprof
-from agent.pull import PullEndpoint
-from agent.record import flamegraph_of
 from agent.sampler.convert import RawOffCpu, to_off_cpu_samples
 from agent.sampler.sampler import OffCpuSettings
 from agent.sinks.proto import profilestore_pb2 as pb

@@ -1,4 +1,4 @@
-"""agent.sdnotify against real AF_UNIX datagram sockets (path and abstract namespace)."""
+"""agent.util.sdnotify against real AF_UNIX datagram sockets (path and abstract namespace)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import READY, WATCHDOG, notify, socket_address, watchdog_interval
+from agent.util.sdnotify import READY, WATCHDOG, notify, socket_address, watchdog_interval
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from agent.startup_priority import STARTUP_NICE_BOOST, StartupPriority, thread_ids
+from agent.commands.startup_priority import STARTUP_NICE_BOOST, StartupPriority, thread_ids
 from tests.conftest import REPO, REQUIRE_BPF, require_tool
 
 CHECK = """
 import os, threading
-from agent.startup_priority import StartupPriority
+from agent.commands.startup_priority import StartupPriority
 priority = StartupPriority()
 print(priority.boosted, os.getpriority(os.PRIO_PROCESS, 0))
 """

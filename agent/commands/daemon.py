@@ -18,19 +18,21 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from agent import early_signals, metrics, sdnotify, startup_priority
-from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
-from agent.admin_token import AdminToken, admin_token
-from agent.capture import Tap, TapSet, merge_windows, wait_for
+from agent import metrics
+from agent.admin.pull import PullEndpoint, without_kernel_addresses
+from agent.admin.server import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
+from agent.admin.taps import Tap, TapSet, merge_windows, wait_for
+from agent.admin.token import AdminToken, admin_token
+from agent.commands import early_signals, startup_priority
+from agent.commands.reload import LiveParts, Reloader
 from agent.config import Config, ConfigError, split_host_port
 from agent.model import CPU, OFF_CPU, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
-from agent.pull import PullEndpoint, without_kernel_addresses
-from agent.reload import LiveParts, Reloader
 from agent.sinks import Sink, remote
 from agent.sinks.local_store import LocalStore
 from agent.sinks.remote import RemoteStoreConfig
+from agent.util import sdnotify
 from agent.window_flow import profile_samples, window_profiles
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from agent import metrics
-from agent.admin import AdminServer, Response
+from agent.admin.server import AdminServer, Response
 from agent.model import CPU, OFF_CPU, Location, ProfileSample
 from agent.process.reader import process_exists
 
