@@ -19,25 +19,22 @@ from pathlib import Path
 from types import FrameType
 
 from agent import metrics
-from agent.admin.pull import PullEndpoint, without_kernel_addresses
+from agent.admin.pull import PullEndpoint
 from agent.admin.server import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
-from agent.admin.taps import Tap, TapSet, merge_windows, wait_for
+from agent.admin.taps import TapSet, merge_windows
 from agent.admin.token import AdminToken, admin_token
 from agent.commands import early_signals, startup_priority
 from agent.commands.reload import LiveParts, Reloader
 from agent.config import Config, ConfigError, split_host_port
 from agent.model import CPU, OFF_CPU, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
-from agent.pprof.builder import build_pprof
 from agent.sinks import Sink, remote
 from agent.sinks.local_store import LocalStore
 from agent.sinks.remote import RemoteStoreConfig
 from agent.util import sdnotify
-from agent.window_flow import profile_samples, window_profiles
+from agent.window_flow import window_profiles
 
 log = logging.getLogger(__name__)
-
-TAP_TICK_SECONDS = 1.0  # drain this often while an on-demand capture is open
 
 
 def check_http_exposure(config: Config) -> None:
@@ -153,17 +150,6 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def tap_profile(pipeline: Pipeline, tap: Tap) -> bytes:
-    """The pprof of one on-demand capture (built on the window loop's thread)."""
-    window = merge_windows(tap.windows) or Window(tap.start_ns, time.time_ns(), ())
-    duration = max(window.end_ns - tap.start_ns, 1)
-    stacks = window.off_cpu if tap.kind == OFF_CPU else window.samples
-    samples = [s for group in profile_samples(stacks, pipeline.stages).values() for s in group]
-    samples = without_kernel_addresses(samples)  # served over HTTP: no KASLR leak
-    period_ns = 0 if tap.kind == OFF_CPU else pipeline.period_ns
-    return build_pprof(samples, tap.start_ns, duration, period_ns, tap.kind)
-
-
 class WindowLoop:
     """Sample one window after another; drain more often while captures are open."""
 
@@ -219,17 +205,15 @@ class WindowLoop:
         drains: list[Window] = []
         while True:
             had_taps = self.taps.active()
-            tick_end = (
-                min(window_end, time.monotonic() + TAP_TICK_SECONDS) if had_taps else window_end
-            )
-            while not self.stop.is_set() and time.monotonic() < tick_end:
+            drain_at = self.taps.drain_by(window_end)
+            while not self.stop.is_set() and time.monotonic() < drain_at:
                 self.pipeline.capture_new_processes(timeout_ms=200)
                 self._keepalive()
                 if not had_taps and self.taps.active():
                     break  # a capture just opened: drain now so it starts clean
             drain = self.pipeline.sampler.drain()
             drains.append(drain)
-            self.taps.feed(drain, lambda tap: tap_profile(self.pipeline, tap))
+            self.taps.feed(drain, self.pipeline)  # finishes the captures whose time is up
             if self.stop.is_set() or time.monotonic() >= window_end:
                 merged = merge_windows(drains)
                 assert merged is not None  # drains is never empty here
@@ -268,12 +252,8 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
     signals = Signals()
     signals.install()
     taps = TapSet()
-
-    def capture(seconds: float, pid: int | None, kind: str) -> bytes:
-        return wait_for(taps.open(seconds, pid, kind), seconds)
-
     kinds = frozenset({CPU, OFF_CPU} if config.off_cpu else {CPU})
-    PullEndpoint(capture, max_seconds=config.max_profile_seconds, kinds=kinds).register(admin)
+    PullEndpoint(taps.capture, max_seconds=config.max_profile_seconds, kinds=kinds).register(admin)
     admin.set_readiness_check(lambda: sinks_problem(sinks))
     admin.start()
     pipeline = build_pipeline(config)

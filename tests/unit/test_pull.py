@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent import metrics
-from agent.admin.pull import PATH, PullEndpoint, without_kernel_addresses
+from agent.admin.pull import PATH, PullEndpoint
 from agent.admin.server import AdminServer
+from agent.admin.taps import without_kernel_addresses
 from agent.model import Frame, Location, Mapping, ProfileSample
 from agent.pprof.builder import build_pprof, parse_pprof
 from tests.conftest import require_tool
