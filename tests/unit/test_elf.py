@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.elf.reader import ElfInfo, LoadSegment, SymbolTable, runtime_to_elf_vaddr
 from agent.model import Mapping
-from agent.symbolize.elf import ElfInfo, LoadSegment, SymbolTable, runtime_to_elf_vaddr
 from tests.conftest import require_tool
 from tests.symbolize.helpers import symbol_range
 

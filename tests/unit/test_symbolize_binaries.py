@@ -8,12 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+from agent.elf.mapped_files import open_mapped_file, process_root
+from agent.elf.reader import ElfInfo
 from agent.metrics import SYMBOL_CACHE_BINARIES
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
 from agent.symbolize.background_indexer import BackgroundIndexer
-from agent.symbolize.binaries import open_mapped_file, process_root
-from agent.symbolize.elf import ElfInfo
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool
 from tests.symbolize.helpers import (

@@ -18,8 +18,8 @@ from typing import IO, Any
 
 from elftools.elf.elffile import ELFFile
 
+from agent.elf.plt import plt_symbols
 from agent.model import Mapping
-from agent.symbolize.plt import plt_symbols
 
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
