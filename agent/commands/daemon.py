@@ -194,7 +194,7 @@ class WindowLoop:
         now = time.monotonic()
         if now - self._last_watchdog >= 2.0:
             self._last_watchdog = now
-            sdnotify.notify("WATCHDOG=1")
+            sdnotify.notify(sdnotify.WATCHDOG)
 
     def _sample_one_window(self) -> Window:
         # Windows end on a fixed cadence, so the time spent processing one window does
@@ -261,7 +261,7 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
         pipeline.start()
         startup_priority.end()  # attached: the rest competes at the configured priority
         admin.set_ready()
-        sdnotify.notify("READY=1")
+        sdnotify.notify(sdnotify.READY)
         reloader = None
         if reload_config is not None:
             local = next((s for s in sinks if isinstance(s, LocalStore)), None)
@@ -275,7 +275,7 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
             reloader.install()
         WindowLoop(pipeline, sinks, config.window, signals.stop, taps, reloader).run()
     finally:
-        sdnotify.notify("STOPPING=1")
+        sdnotify.notify(sdnotify.STOPPING)
         admin.set_ready(False)
         # Before the pipeline, whose threads may take long to stop.
         lost = sum(sink.close() for sink in sinks)

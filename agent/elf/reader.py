@@ -138,13 +138,6 @@ class SymbolTable:
         start = self._name_ends[index - 1] if index else 0
         return self._names[start : self._name_ends[index]].decode("utf-8", "surrogatepass")
 
-    def address_of(self, name: str) -> int | None:
-        """Address of the function called `name` (mangled), for tests and tools."""
-        for index, start in enumerate(self._starts):
-            if self._name(index) == name:
-                return start
-        return None
-
 
 @dataclass(frozen=True)
 class ElfInfo:

@@ -181,9 +181,6 @@ class Symbolizer:
         kernel = self._kernel_locations(kernel_stack, tally)
         return kernel + self._user_locations(process, user_stack, tally)
 
-    def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Location, ...]:
-        return self._kernel_locations(addresses, self._frame_counts.tally)
-
     def symbolize_user(
         self, process: ProcessInfo | None, addresses: Sequence[int]
     ) -> tuple[Location, ...]:

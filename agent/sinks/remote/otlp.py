@@ -572,13 +572,6 @@ def _encode(profile: SeriesProfile, node: str, version: str) -> bytes:
     )
 
 
-def build_request(
-    profile: SeriesProfile, node: str, version: str = ""
-) -> svc.ExportProfilesServiceRequest:
-    """encode() as a message."""
-    return svc.ExportProfilesServiceRequest.FromString(encode(profile, node, version))
-
-
 def rejection(response: bytes) -> str:
     """ "" when all was accepted, else the server's partial-success message."""
     partial = svc.ExportProfilesServiceResponse.FromString(response).partial_success
