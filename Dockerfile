@@ -60,7 +60,7 @@ RUN --mount=type=secret,id=ca_bundle \
     /opt/strobe/.venv/bin/python -m pip uninstall -y -q pip setuptools; \
     rm -rf /tmp/src; \
     ln -s /opt/strobe/.venv/bin/strobe /usr/local/bin/strobe; \
-    /opt/strobe/.venv/bin/python -c 'import bcc, agent.cli'; \
+    /opt/strobe/.venv/bin/python -c 'import bcc, agent.commands.cli'; \
     strobe --version
 
 # Root, but the runtime grants only the capabilities listed in docs/deploy.md.

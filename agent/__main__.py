@@ -1,11 +1,11 @@
 """`python -m agent` and the `strobe` console script."""
 
-from agent import startup_priority
+from agent.commands import startup_priority
 
 
 def main() -> int:
     startup_priority.begin()  # before the imports below: they are start-up CPU too
-    from agent.cli import main as cli_main
+    from agent.commands.cli import main as cli_main
 
     return cli_main()
 

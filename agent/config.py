@@ -16,7 +16,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,12 +219,6 @@ def parse_headers(value: Any) -> tuple[tuple[str, str], ...]:
         if not re.fullmatch(r"[0-9a-z_.\-]+", key):
             raise ValueError(f"gRPC header names are lowercase [0-9a-z_.-], got {key!r}")
     return tuple(pairs)
-
-
-def parse_list_of_mappings(value: Any) -> tuple[dict[str, Any], ...]:
-    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        raise ValueError("expected a list of mappings")
-    return tuple(value)
 
 
 def parse_relabel_list(value: Any) -> list[RelabelConfig]:
@@ -690,7 +684,3 @@ def validate(config: Config, command: str) -> None:
     """Checks that involve more than one field."""
     if command == RUN and config.no_local_store and not config.remote_store_address:
         raise ConfigError("no_local_store: needs remote_store_address, or profiles go nowhere")
-
-
-def known_fields() -> set[str]:
-    return {f.name for f in fields(Config)}

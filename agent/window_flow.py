@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent import metrics
-from agent.gcpause import cycle_collection_paused
 from agent.model import (
     CPU,
     OFF_CPU,
@@ -31,6 +30,7 @@ from agent.model import (
     Window,
 )
 from agent.pprof.builder import build_pprof
+from agent.util.gcpause import cycle_collection_paused
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def profile_samples(
     """Resolve, symbolize and label every stack (of one window), grouped by series."""
     by_series: dict[Labels, list[ProfileSample]] = defaultdict(list)
     labels_of: dict[tuple[int, str, Labels], Labels] = {}  # ~20 stacks per process a window
-    with cycle_collection_paused():  # ~100,000 objects, no cycles: see agent/gcpause.py
+    with cycle_collection_paused():  # ~100,000 objects, no cycles: see agent/util/gcpause.py
         for sample in stacks:
             process = stages.resolve_process(sample.pid, sample.user_stack) if sample.pid else None
             series = stages.series_labels(process, sample)

@@ -1,6 +1,6 @@
 """Reading one binary's function symbols: time, peak and retained memory.
 
-Each binary is read (agent.symbolize.elf.ElfInfo.read, as the symbolizer does on first
+Each binary is read (agent.elf.reader.ElfInfo.read, as the symbolizer does on first
 sight of a binary) in a fresh child process, which reports the parse time, its RSS
 before and after (after a gc), and its peak RSS. "Retained" is after - before: what
 the agent grows by for keeping that binary's table, allocator leftovers included.
@@ -23,7 +23,7 @@ DEFAULT_BINARIES = [
 ]
 CHILD = """
 import gc, json, resource, sys, time
-from agent.symbolize.elf import ElfInfo
+from agent.elf.reader import ElfInfo
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
 before = rss()

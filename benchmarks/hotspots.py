@@ -1,7 +1,7 @@
 """Hotspots: where the agent's window loop spends its CPU (cProfile, in process).
 
 Builds the real pipeline (agent.pipeline.build_pipeline) and runs the daemon's window
-loop (agent.daemon.WindowLoop, local store sink) in this process over a crowd of
+loop (agent.commands.daemon.WindowLoop, local store sink) in this process over a crowd of
 random-walk processes (`workload stacks`, SCHED_IDLE), under cProfile, in two phases:
 - start-up: sampler start (BPF compile, attach), the first window, and indexing
   every binary that window asked for;
@@ -49,8 +49,8 @@ def top_functions(stats: pstats.Stats, key: str, count: int) -> list[dict[str, A
 def profile_windows(
     workdir: Path, hz: int, window: float, windows: int
 ) -> tuple[pstats.Stats, pstats.Stats]:
+    from agent.commands.daemon import WindowLoop
     from agent.config import Config
-    from agent.daemon import WindowLoop
     from agent.pipeline import build_pipeline
     from agent.sinks import Sink
     from agent.sinks.local_store import LocalStore

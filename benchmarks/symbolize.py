@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.elf.reader import ElfInfo  # noqa: E402
 from agent.model import Mapping, ProcessInfo  # noqa: E402
-from agent.symbolize.elf import ElfInfo  # noqa: E402
 from agent.symbolize.symbolizer import Symbolizer  # noqa: E402
 
 DEFAULT_BINARY = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"

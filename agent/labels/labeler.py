@@ -25,8 +25,8 @@ from agent import metrics
 from agent.labels.cgroup import CgroupInfo, parse_cgroup
 from agent.labels.kubernetes import PodMetadata, PodMetadataSource
 from agent.labels.relabel import DEFAULT_RELABEL_CONFIGS, RelabelConfig, relabel, series_labels
-from agent.lru import idle_keys
 from agent.model import ProcessInfo
+from agent.util.lru import idle_keys
 
 Labels = tuple[tuple[str, str], ...]
 _INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")

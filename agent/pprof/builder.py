@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from agent.gcpause import cycle_collection_paused
 from agent.model import CPU, OFF_CPU, Frame, Location, ProfileSample
 from agent.pprof.proto import profile_pb2
+from agent.util.gcpause import cycle_collection_paused
 
 KERNEL_MAPPING_NAME = "[kernel.kallsyms]"
 KERNEL_MAPPING = -1  # placeholder mapping id of kernel locations until finish()

@@ -188,9 +188,5 @@ class ProcessCache:
             self._entries.popitem(last=False)
         PROCESS_CACHE_SIZE.set(len(self._entries))
 
-    def is_running(self, process: ProcessInfo) -> bool:
-        """Whether the captured process still runs (not gone, its pid not reused)."""
-        return running(process.pid, process.start_time, self._proc)
-
     def _is_alive(self, pid: int, start_time: int) -> bool:
         return running(pid, start_time, self._proc)

@@ -21,12 +21,12 @@ from typing import IO
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from agent.elf.mapped_files import open_mapped_file
+from agent.elf.reader import LoadSegment
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import PROC
 from agent.python.memory import read_pointer
 from agent.python.offsets import DEBUG_OFFSETS_SIZE, OFFSETS, PythonOffsets, parse_debug_offsets
-from agent.symbolize.binaries import open_mapped_file
-from agent.symbolize.elf import LoadSegment
 from agent.unwind.mappings import load_of
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ import ctypes.util
 import struct
 
 _U64 = struct.Struct("=Q")
-_I32 = struct.Struct("=i")
 
 
 class _IoVec(ctypes.Structure):
@@ -51,8 +50,3 @@ def read_memory(pid: int, address: int, size: int) -> bytes | None:
 def read_pointer(pid: int, address: int) -> int | None:
     data = read_memory(pid, address, 8)
     return _U64.unpack(data)[0] if data is not None else None
-
-
-def read_int(pid: int, address: int) -> int | None:
-    data = read_memory(pid, address, 4)
-    return _I32.unpack(data)[0] if data is not None else None

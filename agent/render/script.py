@@ -27,7 +27,7 @@ STYLE = """
 .hide { display: none; }
 """
 
-# __WIDTH__ and co. are filled in from agent/flamegraph.py's layout.
+# __WIDTH__ and co. are filled in from agent/render/flamegraph.py's layout.
 SCRIPT = """
 "use strict";
 (function () {

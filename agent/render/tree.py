@@ -2,7 +2,7 @@
 
 all -> one frame per process -> outermost caller ... leaf. Two widths bound what is drawn:
 - below `keep` (0.1 px, flamegraph.pl's --minwidth, or more where that would still put
-  over MAX_FRAMES in the file: agent/flamegraph.py) a frame is left out of the file;
+  over MAX_FRAMES in the file: agent/render/flamegraph.py) a frame is left out of the file;
 - below `min_width` a frame can't be seen, read or clicked: it stays in the file (search
   finds it, zooming in shows it) but is hidden, and the narrow callees of one frame are
   drawn as one grey `[N small frames]` box at its right end (with the left-out ones),

@@ -42,7 +42,6 @@ from types import TracebackType
 from prometheus_client import Counter
 
 from agent import metrics
-from agent.gcpause import cycle_collection_paused
 from agent.model import ProcessInfo, StackSample, Window
 from agent.python.unwinder import PythonUnwinder
 from agent.sampler.convert import (
@@ -71,6 +70,7 @@ from agent.sampler.loader import (
 )
 from agent.unwind.registry import UnwindTables
 from agent.unwind.worker import UnwindWorker
+from agent.util.gcpause import cycle_collection_paused
 
 log = logging.getLogger(__name__)
 

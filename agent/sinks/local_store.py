@@ -3,7 +3,7 @@
 Layout: `<dir>/<YYYYmmddTHHMMSSZ>-<labelhash>.pb.gz` (the profile, readable by any pprof
 tool) next to `<same stem>.json` (series labels and times). Both appear atomically
 (written to a hidden `.tmp-*` file, fsynced, renamed, the directory fsynced: see
-agent/atomic_file.py), the sidecar first, so a visible profile is always complete and
+agent/util/atomic_file.py), the sidecar first, so a visible profile is always complete and
 described. After each write the oldest profiles go until the store fits `max_bytes`, and
 every profile that started more than `max_age_seconds` ago goes.
 
@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import metrics
-from agent.atomic_file import TMP_PREFIX, write_atomically
 from agent.model import SeriesProfile
+from agent.util.atomic_file import TMP_PREFIX, write_atomically
 
 log = logging.getLogger(__name__)
 

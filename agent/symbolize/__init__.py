@@ -1,4 +1,5 @@
-"""Symbolize stage: addresses -> Locations (kallsyms, ELF symbols, DWARF via symbolic).
+"""Symbolize stage: addresses -> Locations (kallsyms, ELF symbols read by agent/elf, DWARF
+via symbolic).
 
 Names are imported lazily so that the SymCache child (symcache_child.py) starts lean.
 """

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from agent.elf.mapped_files import OpenedBinary
+from agent.elf.reader import ElfInfo, ElfReadError, SymbolTable
 from agent.metrics import BINARY_ERRORS
 from agent.model import Frame
-from agent.symbolize.binaries import OpenedBinary
 from agent.symbolize.debugfiles import find_debug_file
 from agent.symbolize.dwarf import DwarfIndex, frame_of
-from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
 from agent.symbolize.gopclntab import GoTable, GoTableError
 
 MAX_CACHED_FRAMES = 16384  # per binary; hot addresses repeat every window

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.symbolize.elf import DebugLink, read_build_id
+from agent.elf.reader import DebugLink, read_build_id
 
 DEFAULT_DEBUG_DIRS = ("/usr/lib/debug",)
 _CHUNK = 1 << 20

@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from agent.elf.reader import read_build_id
 from agent.metrics import DEBUGINFOD_BYTES, DEBUGINFOD_CACHE_HITS, DEBUGINFOD_REQUESTS
-from agent.symbolize.elf import read_build_id
 
 log = logging.getLogger(__name__)
 

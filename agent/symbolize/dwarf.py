@@ -12,9 +12,9 @@ from typing import Any
 
 from symbolic.symcache import SymCache
 
+from agent.elf.reader import SymbolTable
 from agent.model import Frame
 from agent.symbolize.demangle import demangle
-from agent.symbolize.elf import SymbolTable
 from agent.symbolize.names import clone_base, outer_name
 
 

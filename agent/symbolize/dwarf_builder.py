@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.elf.reader import ElfInfo, ElfReadError, SymbolTable
 from agent.metrics import BINARY_ERRORS
 from agent.symbolize.binary_index import (
     BinaryIndex,
@@ -27,7 +28,6 @@ from agent.symbolize.binary_index import (
 )
 from agent.symbolize.debuginfod import DebuginfodClient, Status
 from agent.symbolize.dwarf import DwarfError, DwarfIndex
-from agent.symbolize.elf import ElfInfo, ElfReadError, SymbolTable
 from agent.symbolize.symbol_store import SymbolStore
 from agent.symbolize.symcache_child import IndexFailure, IndexLimits, build_symcache
 

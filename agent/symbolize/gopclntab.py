@@ -27,8 +27,8 @@ from typing import IO, Literal, NamedTuple
 
 from elftools.elf.elffile import ELFFile
 
+from agent.elf.reader import check_layout
 from agent.model import Frame
-from agent.symbolize.elf import check_layout
 
 MAGICS = {0xFFFFFFFB: "1.2", 0xFFFFFFFA: "1.16", 0xFFFFFFF0: "1.18", 0xFFFFFFF1: "1.20"}
 MAX_FUNCS = 1 << 24

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from agent.lru import idle_keys
 from agent.metrics import FRAMES
 from agent.model import Location, Mapping
 from agent.process.mapindex import MappingIndex
+from agent.util.lru import idle_keys
 
 MAX_SPACES = 4096  # processes (the process cache holds as many by default)
 MAX_LOCATIONS = 1 << 17  # memoized Locations in all spaces (~240 bytes each: <= ~30 MiB)

@@ -21,15 +21,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.elf.mapped_files import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
+from agent.elf.reader import ElfInfo, ElfReadError, read_build_id, runtime_to_elf_vaddr
 from agent.metrics import BINARY_ERRORS, SYMBOL_CACHE_BINARIES
 from agent.model import Frame, Location, Mapping, ProcessInfo
-from agent.symbolize.binaries import PROC, VDSO, OpenedBinary, open_mapped_file, own_vdso
 from agent.symbolize.binary_index import BinaryIndex, DwarfState, vdso_binary
 from agent.symbolize.debugfiles import DEFAULT_DEBUG_DIRS
 from agent.symbolize.debuginfod import DebuginfodClient, Status, urls_from
 from agent.symbolize.dwarf import frame_of
 from agent.symbolize.dwarf_builder import BuildStats, DwarfBuilder
-from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id, runtime_to_elf_vaddr
 from agent.symbolize.kallsyms import Kallsyms
 from agent.symbolize.memo import (
     JIT_HIT,
@@ -180,9 +180,6 @@ class Symbolizer:
         tally = self._frame_counts.tally
         kernel = self._kernel_locations(kernel_stack, tally)
         return kernel + self._user_locations(process, user_stack, tally)
-
-    def symbolize_kernel(self, addresses: Sequence[int]) -> tuple[Location, ...]:
-        return self._kernel_locations(addresses, self._frame_counts.tally)
 
     def symbolize_user(
         self, process: ProcessInfo | None, addresses: Sequence[int]

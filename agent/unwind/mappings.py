@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from agent.elf.reader import LoadSegment
 from agent.model import Mapping
-from agent.symbolize.elf import LoadSegment
 
 ADDRESS_BITS = 64
 PAGE_SIZE = 4096

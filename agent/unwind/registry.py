@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
+from agent.elf.mapped_files import VDSO, open_mapped_file, own_vdso
+from agent.elf.reader import ElfInfo, ElfReadError, LoadSegment, read_build_id
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import PROC, read_start
-from agent.symbolize.binaries import VDSO, open_mapped_file, own_vdso
-from agent.symbolize.elf import ElfInfo, ElfReadError, LoadSegment, read_build_id
 from agent.unwind.allocator import RowAllocator
 from agent.unwind.mappings import MappingTarget, Prefix, address_prefixes, table_bias
 from agent.unwind.table import UnwindTable, UnwindTableError, read_unwind_table

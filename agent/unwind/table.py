@@ -26,7 +26,7 @@ from typing import IO, NamedTuple
 
 from elftools.elf.elffile import ELFFile
 
-from agent.symbolize.elf import LoadSegment
+from agent.elf.reader import LoadSegment
 from agent.unwind.cfi import OFFSET, UNDEFINED, CfiError, FrameRules, fde_rules, index_fdes
 
 RSP, RBP = 7, 6  # DWARF register numbers on x86_64

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-import agent.flamegraph
-from agent.flamegraph import MARGIN, MIN_WIDTH_PX, WIDTH, render_flamegraph
+import agent.render.flamegraph
 from agent.model import Frame, Location, Mapping, ProfileSample
+from agent.render.flamegraph import MARGIN, MIN_WIDTH_PX, WIDTH, render_flamegraph
 from tests.browser.cdp import Chromium, screenshot
 from tests.browser.host_profile import fragmented_profile, host_profile
 from tests.browser.png import png_rows, png_size
@@ -192,7 +192,7 @@ def test_the_script_lays_out_what_the_file_has(
     for min_width, max_frames in ((MIN_WIDTH_PX, None), (7.5, None), (40.0, None), (2.0, 120)):
         label = f"seed {seed}, min width {min_width}, at most {max_frames} frames"
         if max_frames is not None:
-            monkeypatch.setattr(agent.flamegraph, "MAX_FRAMES", max_frames)
+            monkeypatch.setattr(agent.render.flamegraph, "MAX_FRAMES", max_frames)
         svg = tmp_path / f"{min_width}-{max_frames}.svg"
         svg.write_text(render_flamegraph(fragmented_profile(seed), min_width=min_width))
         written = []

@@ -16,7 +16,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from agent.admin import UNAUTHENTICATED_PATHS
+from agent.admin.server import UNAUTHENTICATED_PATHS
 from agent.config import OPTION_BY_NAME, Config, build_config
 from tests.conftest import REPO
 
@@ -236,7 +236,7 @@ def test_the_http_token_protects_a_non_loopback_bind(chart: helm.Chart, tmp_path
 
 
 def test_comments_say_which_routes_need_the_token(chart: helm.Chart) -> None:
-    """/healthz and /readyz are open (agent/admin.py); the chart's words must agree."""
+    """/healthz and /readyz are open (agent/admin/server.py); the chart's words must agree."""
     assert sorted(UNAUTHENTICATED_PATHS) == ["/healthz", "/readyz"]
     texts = render_text(chart, {})
     daemonset = texts["strobe/templates/daemonset.yaml"]

@@ -14,9 +14,9 @@ from elftools.elf.sections import SymbolTableSection
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from agent.flamegraph import render_flamegraph
 from agent.model import Mapping, ProcessInfo, ProfileSample
 from agent.pprof import build_pprof, parse_pprof
+from agent.render.flamegraph import render_flamegraph
 from agent.symbolize.demangle import demangle
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool

@@ -28,8 +28,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.elf.reader import ElfInfo, ElfReadError, read_build_id
 from agent.model import Mapping, ProcessInfo
-from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool
 from tests.fuzz import fuzz_settings

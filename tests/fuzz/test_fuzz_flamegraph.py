@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from agent.flamegraph import render_flamegraph
 from agent.model import Frame, Location, Mapping, ProfileSample
+from agent.render.flamegraph import render_flamegraph
 from tests.fuzz import any_text, fuzz_settings
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -1,6 +1,6 @@
 """The admin HTTP server of `strobe run`, alone in a process, for memory measurements.
 
-Built by the agent's own code from `strobe run` flags (agent.daemon.admin_server, with the
+Built by the agent's own code from `strobe run` flags (agent.commands.daemon.admin_server, with the
 generated token), so it has the agent's bound and idle timeout. It prints its port, serves
 until its stdin closes, then closes the server and exits.
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from agent.admin_token import admin_token
-from agent.cli import build_parser
+from agent.admin.token import admin_token
+from agent.commands.cli import build_parser
+from agent.commands.daemon import admin_server
 from agent.config import build_config
-from agent.daemon import admin_server
 
 
 def main(argv: list[str]) -> int:

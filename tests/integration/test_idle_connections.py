@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.admin import IDLE_SECONDS, MAX_CONNECTIONS
+from agent.admin.server import IDLE_SECONDS, MAX_CONNECTIONS
 from tests.conftest import REPO
 from tests.integration.strobe_run import start_strobe_run, stop_strobe_run
 

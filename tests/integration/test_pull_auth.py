@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.admin_token import GENERATED_NAME
+from agent.admin.token import GENERATED_NAME
 from agent.pprof.builder import parse_pprof
 from tests.conftest import REPO, require_tool
 

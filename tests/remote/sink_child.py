@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 import time
 
-from agent.cli import build_parser
+from agent.commands.cli import build_parser
+from agent.commands.daemon import build_sinks
 from agent.config import build_config
-from agent.daemon import build_sinks
 from tests.remote.backend import make_profile
 
 

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.cli import build_parser
+from agent.commands.cli import build_parser
+from agent.commands.daemon import remote_store_config
 from agent.config import build_config
-from agent.daemon import remote_store_config
 from agent.pprof.proto import profile_pb2
 from tests.conftest import REPO
 from tests.remote.backend import Backend

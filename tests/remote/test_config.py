@@ -100,7 +100,7 @@ def test_grpc_is_loaded_only_when_a_remote_store_is_configured(tmp_path):
     script = (
         "import sys\n"
         "from agent.config import Config\n"
-        "from agent.daemon import build_sinks\n"
+        "from agent.commands.daemon import build_sinks\n"
         f"build_sinks(Config().with_values(local_store={str(tmp_path / 'store')!r}))\n"
         "print('grpc' in sys.modules)\n"
         f"build_sinks(Config().with_values(local_store={str(tmp_path / 'store')!r}, "

@@ -1,7 +1,7 @@
 """Helpers for symbolization tests: real processes, and addresses computed independently.
 
 Addresses are computed here with pyelftools and the raw program headers, not with
-agent.symbolize.elf, so a bug in the translation under test cannot hide itself.
+agent.elf.reader, so a bug in the translation under test cannot hide itself.
 """
 
 from __future__ import annotations

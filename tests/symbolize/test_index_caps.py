@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from agent.elf.reader import ElfInfo, ElfReadError, read_build_id
 from agent.metrics import BINARY_ERRORS
 from agent.model import Mapping, ProcessInfo
-from agent.symbolize.elf import ElfInfo, ElfReadError, read_build_id
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.symcache_child import IndexLimits
 from tests.conftest import require_tool

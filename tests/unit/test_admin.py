@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent import metrics
-from agent.admin import AdminServer, is_loopback
+from agent.admin.server import AdminServer, is_loopback
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.admin import AdminServer
-from agent.admin_token import GENERATED_NAME, AdminToken, admin_token
+from agent.admin.pull import PATH, PullEndpoint
+from agent.admin.server import AdminServer
+from agent.admin.token import GENERATED_NAME, AdminToken, admin_token
+from agent.commands.daemon import admin_server
 from agent.config import Config, ConfigError
-from agent.daemon import admin_server
-from agent.pull import PATH, PullEndpoint
 from tests.conftest import require_tool
 from tests.unit.test_pull import FakeCapture
 

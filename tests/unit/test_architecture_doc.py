@@ -1,5 +1,5 @@
 """docs/architecture.md stays true where it can drift: every thread the agent names is
-listed there, and every module it lists exists."""
+listed there, and every module, package and path in the tree it lists exists."""
 
 from __future__ import annotations
 
@@ -28,5 +28,18 @@ def test_every_thread_of_the_agent_is_in_the_doc() -> None:
 
 def test_every_module_the_doc_names_exists() -> None:
     for module in re.findall(r"`([\w/]+\.py)`", DOC):
-        found = list((REPO / "agent").rglob(module.split("/")[-1]))
+        found = [
+            path
+            for path in (REPO / "agent").rglob(module.split("/")[-1])
+            if f"/{path.relative_to(REPO).as_posix()}".endswith(f"/{module}")
+        ]
         assert found, f"docs/architecture.md names {module}, which does not exist"
+
+
+def test_every_package_the_doc_names_exists() -> None:
+    for package in set(re.findall(r"`(\w+)/`", DOC)) - {"agent", "remote"}:
+        assert (REPO / "agent" / package).is_dir(), f"docs/architecture.md names {package}/"
+    tree = DOC[DOC.index("```\nagent/\n") + len("```\nagent/\n") :]
+    tree = tree[: tree.index("```", 4)]
+    for name in re.findall(r"(?<![\w./])((?:\w+/)*\w+(?:\.py|/))", tree):
+        assert (REPO / "agent" / name).exists(), f"the tree in docs/architecture.md names {name}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.atomic_file import TMP_PREFIX, write_atomically
+from agent.util.atomic_file import TMP_PREFIX, write_atomically
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import build_parser
+from agent.commands.cli import build_parser
 from agent.config import (
     OPTIONS,
     Config,

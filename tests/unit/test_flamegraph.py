@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-import agent.flamegraph
-from agent.flamegraph import MARGIN, MIN_WIDTH_PX, WIDTH, render_flamegraph
+import agent.render.flamegraph
 from agent.model import Frame, Location, Mapping, ProfileSample
+from agent.render.flamegraph import MARGIN, MIN_WIDTH_PX, WIDTH, render_flamegraph
 
 SVG = "{http://www.w3.org/2000/svg}"
 LIBC = Mapping(start=0x7F0000000000, end=0x7F0000100000, offset=0, path="/usr/lib/libc.so.6")
@@ -265,7 +265,7 @@ def test_the_file_keeps_at_most_max_frames_the_widest_ones(
 ) -> None:
     samples = [sample(100 + i, loc(f"leaf_{i:03d}"), loc("main")) for i in range(200)]
     assert len(drawn(render_flamegraph(samples))) > 200
-    monkeypatch.setattr(agent.flamegraph, "MAX_FRAMES", 50)
+    monkeypatch.setattr(agent.render.flamegraph, "MAX_FRAMES", 50)
     boxes = drawn(render_flamegraph(samples))
     leaves = [box for box in boxes if box.name.startswith("leaf_")]
     assert len([box for box in boxes if "elided" not in box.classes]) <= 50

@@ -7,8 +7,8 @@ import gc
 
 import pytest
 
-from agent.gcpause import cycle_collection_paused
 from agent.model import StackSample, Window
+from agent.util.gcpause import cycle_collection_paused
 from agent.window_flow import Stages, window_profiles
 
 

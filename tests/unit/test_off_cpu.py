@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2 as svc
 
-from agent.admin import AdminServer
-from agent.capture import Tap, merge_windows
+from agent.admin.pull import PullEndpoint
+from agent.admin.server import AdminServer
+from agent.admin.taps import Tap, TapSet, merge_windows
+from agent.commands.record import flamegraph_of
 from agent.config import ConfigError
 from agent.model import (
     CPU,
@@ -27,8 +29,6 @@ from agent.model import (
 )
 from agent.pipeline import off_cpu_settings
 from agent.pprof.builder import build_pprof, parse_pprof
-from agent.pull import PullEndpoint
-from agent.record import flamegraph_of
 from agent.sampler.convert import RawOffCpu, to_off_cpu_samples
 from agent.sampler.sampler import OffCpuSettings
 from agent.sinks.proto import profilestore_pb2 as pb
@@ -308,6 +308,19 @@ def test_tap_with_a_pid_keeps_only_its_off_cpu_intervals() -> None:
     (window,) = tap.windows
     assert [s.pid for s in window.samples] == [2]
     assert [(s.pid, s.nanoseconds) for s in window.off_cpu] == [(2, 7_000)]
+
+
+def test_a_tap_whose_time_is_up_is_finished_by_the_feed_with_the_pipelines_stages() -> None:
+    taps = TapSet()
+    tap = taps.open(0, pid=1, kind=OFF_CPU)  # its time is up at the first feed
+    pipeline: Any = type("Pipeline", (), {"stages": STAGES, "period_ns": PERIOD_NS})
+    taps.feed(both_kinds(), pipeline)
+    assert tap.done.is_set() and not taps.active()
+    assert tap.error is None and tap.result is not None
+    profile = parse_pprof(tap.result)
+    assert sorted(s.value[1] for s in profile.sample) == [2_000_000, 40_000_000]
+    addresses = {loc.address for loc in profile.location}
+    assert not addresses & {0xFFFF0010, 0xFFFF0020}  # served over HTTP: no KASLR leak
 
 
 # --- pull: type=off-cpu ---------------------------------------------------------------

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from agent import metrics
-from agent.admin import AdminServer
+from agent.admin.pull import PATH, PullEndpoint
+from agent.admin.server import AdminServer
+from agent.admin.taps import without_kernel_addresses
 from agent.model import Frame, Location, Mapping, ProfileSample
 from agent.pprof.builder import build_pprof, parse_pprof
-from agent.pull import PATH, PullEndpoint, without_kernel_addresses
 from tests.conftest import require_tool
 
 EXE = Mapping(start=0x400000, end=0x500000, offset=0, path="/usr/bin/app")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from agent import metrics
-from agent.pull import PullEndpoint
+from agent.admin.pull import PullEndpoint
 
 
 def test_missing_pid_is_a_404_with_one_line() -> None:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.record import (
+from agent.commands.record import (
     BUILD_RESERVE,
     MIN_SYMBOLIZE_WAIT,
     RECORD_SLACK,
@@ -27,7 +27,9 @@ def test_the_wait_is_what_the_slack_leaves() -> None:
 def test_process_age_counts_from_the_exec() -> None:
     """A child that sleeps before asking is that much older: its imports count too."""
     script = (
-        "import time; time.sleep(1.0); from agent.record import process_age; print(process_age())"
+        "import time; time.sleep(1.0)\n"
+        "from agent.commands.record import process_age\n"
+        "print(process_age())"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert 1.0 <= float(out.stdout) < 5.0, out.stdout

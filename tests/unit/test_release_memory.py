@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 PROGRAM = """
-from agent.daemon import release_free_memory
+from agent.commands.daemon import release_free_memory
 
 def rss_kib():
     for line in open("/proc/self/status"):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands.reload import load_with_timeout
 from agent.config import Config, ConfigError, load_file
-from agent.reload import load_with_timeout
 
 
 def test_a_fifo_config_times_out_instead_of_stalling(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""agent.sdnotify against real AF_UNIX datagram sockets (path and abstract namespace)."""
+"""agent.util.sdnotify against real AF_UNIX datagram sockets (path and abstract namespace)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import READY, WATCHDOG, notify, socket_address, watchdog_interval
+from agent.util.sdnotify import READY, WATCHDOG, notify, socket_address
 
 
 @pytest.fixture
@@ -69,19 +69,3 @@ def test_socket_address_forms() -> None:
     assert socket_address("@") is None
     assert socket_address("relative/path") is None
     assert socket_address("vsock:2:1234") is None
-
-
-def test_watchdog_interval_in_seconds() -> None:
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 30.0
-    mine = str(os.getpid())
-    assert watchdog_interval({"WATCHDOG_USEC": "1500000", "WATCHDOG_PID": mine}) == 1.5
-
-
-def test_watchdog_for_another_process_or_malformed_is_none() -> None:
-    other = str(os.getpid() + 1)
-    assert watchdog_interval({}) is None
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": other}) is None
-    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
-    assert watchdog_interval({"WATCHDOG_USEC": "-5"}) is None
-    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}) is None

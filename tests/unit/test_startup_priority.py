@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.startup_priority import STARTUP_NICE_BOOST, StartupPriority, thread_ids
+from agent.commands.startup_priority import STARTUP_NICE_BOOST, StartupPriority, thread_ids
 from tests.conftest import REPO, REQUIRE_BPF, require_tool
 
 CHECK = """
 import os, threading
-from agent.startup_priority import StartupPriority
+from agent.commands.startup_priority import StartupPriority
 priority = StartupPriority()
 print(priority.boosted, os.getpriority(os.PRIO_PROCESS, 0))
 """
@@ -80,7 +80,7 @@ def test_without_cap_sys_nice_start_up_keeps_its_priority() -> None:
 AUTOGROUP_CHECK = """
 import os, sys
 from pathlib import Path
-from agent import startup_priority
+from agent.commands import startup_priority
 Path("/proc/self/autogroup").write_text(sys.argv[1])
 startup_priority.begin()
 print(Path("/proc/self/autogroup").read_text().split()[-1], flush=True)

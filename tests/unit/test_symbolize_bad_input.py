@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.elf.reader import ElfInfo, ElfReadError
 from agent.metrics import BINARY_ERRORS, FRAMES
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
-from agent.symbolize.elf import ElfInfo, ElfReadError
 from agent.symbolize.symbolizer import Symbolizer
 from tests.symbolize.helpers import (
     address_in_mapping,

@@ -8,12 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+from agent.elf.mapped_files import open_mapped_file, process_root
+from agent.elf.reader import ElfInfo
 from agent.metrics import SYMBOL_CACHE_BINARIES
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
 from agent.symbolize.background_indexer import BackgroundIndexer
-from agent.symbolize.binaries import open_mapped_file, process_root
-from agent.symbolize.elf import ElfInfo
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool
 from tests.symbolize.helpers import (
@@ -166,6 +166,15 @@ def test_background_indexer_builds_what_symbolize_queued(c_binaries: Path) -> No
     assert symbolizer.pending() == 0
 
 
+def libc_path() -> str:
+    """libc as /proc/PID/maps names it (this process maps it too)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if "/libc.so" in path:
+            return path
+    raise AssertionError("this process maps no libc")
+
+
 def test_only_a_process_with_a_binary_left_to_open_or_index_is_handed_to_the_indexer(
     c_binaries: Path, tmp_path: Path
 ) -> None:
@@ -173,13 +182,14 @@ def test_only_a_process_with_a_binary_left_to_open_or_index_is_handed_to_the_ind
     indexed, a new process mapping them gives the indexer thread nothing to do (and is
     not handed over); a new binary, or JIT code, does."""
     binary = c_binaries / "spin_pie"
+    libc = libc_path()  # mapped by ld.so after the exec: the capture must hold it
     symbolizer = Symbolizer(cache_dir=tmp_path)
-    with running([str(binary), "60"], mapped=str(binary)) as pid:
+    with running([str(binary), "60"], mapped=libc) as pid:
         first = capture(pid)
         assert symbolizer.needs_prepare(first)
         symbolizer.prepare(first)
         assert not symbolizer.needs_prepare(first)
-    with running([str(binary), "60"], mapped=str(binary)) as pid:
+    with running([str(binary), "60"], mapped=libc) as pid:
         again = capture(pid)  # another process of the same binaries
         assert again.pid != first.pid and not symbolizer.needs_prepare(again)
         jit = Mapping(0x7F0000000000, 0x7F0000001000, 0, "", "00:00", 0, "r-xp")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.elf.reader import ElfInfo
 from agent.model import Location, ProcessInfo
 from agent.process.reader import read_process
 from agent.symbolize.debugfiles import build_id_path, find_debug_file
-from agent.symbolize.elf import ElfInfo
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool
 from tests.symbolize.helpers import addr2line, running, runtime_address, symbol_range

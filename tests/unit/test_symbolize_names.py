@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from agent.elf.reader import SymbolTable
 from agent.symbolize.dwarf import frame_of
-from agent.symbolize.elf import SymbolTable
 from agent.symbolize.names import clone_base, outer_name
 
 

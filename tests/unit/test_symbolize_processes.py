@@ -15,9 +15,9 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent.elf.mapped_files import own_vdso
 from agent.model import Location, ProcessInfo
 from agent.process.reader import read_process
-from agent.symbolize.binaries import own_vdso
 from agent.symbolize.symbolizer import Symbolizer
 from tests.conftest import require_tool
 from tests.symbolize.helpers import (

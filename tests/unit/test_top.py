@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
+from agent.commands.top import CLEAR_SCREEN, TopRow, hottest_functions, render_table, run_top
 from agent.model import Frame, Location, Mapping, ProfileSample
-from agent.top import CLEAR_SCREEN, TopRow, hottest_functions, render_table, run_top
 
 EXE = Mapping(start=0x400000, end=0x500000, offset=0, path="/usr/bin/app")
 

@@ -23,9 +23,9 @@ from elftools.elf.sections import SymbolTableSection
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.elf.reader import ElfInfo, runtime_to_elf_vaddr
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
-from agent.symbolize.elf import ElfInfo, runtime_to_elf_vaddr
 from agent.unwind import registry
 from agent.unwind.allocator import RowAllocator
 from agent.unwind.mappings import MappingTarget, Prefix, address_prefixes

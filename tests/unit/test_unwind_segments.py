@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.elf.reader import ElfInfo
 from agent.process.maps import parse_maps
-from agent.symbolize.elf import ElfInfo
 from agent.unwind.mappings import load_of, table_bias
 from tests.conftest import require_tool
 from tests.symbolize.helpers import running, symbol_vaddr

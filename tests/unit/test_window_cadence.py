@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, cast
 
-from agent.daemon import WindowLoop
+from agent.commands.daemon import WindowLoop
 from agent.model import Window
 from agent.window_flow import Stages
 

@@ -44,8 +44,8 @@ from opentelemetry.proto.common.v1 import common_pb2 as common
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as prof
 from opentelemetry.proto.resource.v1 import resource_pb2 as resource
 
-from agent.gcpause import cycle_collection_paused
 from agent.model import OFF_CPU, Location, Mapping, ProfileSample, SeriesProfile, valid_utf8
+from agent.util.gcpause import cycle_collection_paused
 
 METHOD = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
 SCOPE_NAME = "strobe"
@@ -570,13 +570,6 @@ def _encode(profile: SeriesProfile, node: str, version: str) -> bytes:
             _field(b"\x12", tables.serialize()),  # dictionary = 2
         )
     )
-
-
-def build_request(
-    profile: SeriesProfile, node: str, version: str = ""
-) -> svc.ExportProfilesServiceRequest:
-    """encode() as a message."""
-    return svc.ExportProfilesServiceRequest.FromString(encode(profile, node, version))
 
 
 def rejection(response: bytes) -> str:

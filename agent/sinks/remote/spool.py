@@ -3,7 +3,7 @@
 One file per request, named by its sequence number (`<seq>.<protocol>.req`), so a
 directory listing gives the delivery order back after a restart. A file is
 MAGIC + crc32(payload) + payload, written to a temporary name, fsynced, renamed, and
-the directory fsynced (agent/atomic_file.py) before append() returns: once appended, a
+the directory fsynced (agent/util/atomic_file.py) before append() returns: once appended, a
 request survives kill -9 and power loss. A crash mid-write leaves a `.tmp` that is
 cleaned up at start; a file that fails its checksum is dropped and counted, never sent.
 Deletes are not fsynced (they follow every delivery): after a power loss, files
@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.atomic_file import write_atomically
+from agent.util.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 MAGIC = b"STROBE1\n"

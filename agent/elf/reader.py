@@ -17,8 +17,8 @@ from typing import IO, Any
 
 from elftools.elf.elffile import ELFFile
 
+from agent.elf.plt import plt_symbols
 from agent.model import Mapping
-from agent.symbolize.plt import plt_symbols
 
 STT_FUNC = 2
 STT_GNU_IFUNC = 10
@@ -218,13 +218,6 @@ class SymbolTable:
     def _name(self, index: int) -> str:
         start = self._name_ends[index - 1] if index else 0
         return _decode(self._names[start : self._name_ends[index]])
-
-    def address_of(self, name: str) -> int | None:
-        """Address of the function called `name` (mangled), for tests and tools."""
-        for index, start in enumerate(self._starts):
-            if self._name(index) == name:
-                return start
-        return None
 
 
 def _decode(name: bytes) -> str:

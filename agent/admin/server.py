@@ -1,7 +1,7 @@
 """The admin HTTP server: /metrics, /healthz, /readyz (and routes added by the daemon).
 
 Binds 127.0.0.1 by default. The daemon refuses a non-loopback bind without a token
-(see agent.daemon.check_http_exposure). Routes under /debug/pprof/ always require
+(see agent.commands.daemon.check_http_exposure). Routes under /debug/pprof/ always require
 `Authorization: Bearer <token>` (refused outright when the server has no token); every other
 route but `open_paths` requires it when a token is set. Tokens are compared in constant time.
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from agent.symbolize.plt import PltSymbol, _is_header, _jump_slot, plt_symbols
+from agent.elf.plt import PltSymbol, _is_header, _jump_slot, plt_symbols
 from tests.conftest import require_tool
 
 LABEL = re.compile(r"^([0-9a-f]+) <(.+)>:$", re.MULTILINE)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from agent import startup_priority
+from agent.commands import startup_priority
 from agent.config import Config
 from agent.model import ProfileSample
 from agent.pipeline import build_pipeline

@@ -18,24 +18,23 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from agent import early_signals, metrics, sdnotify, startup_priority
-from agent.admin import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
-from agent.admin_token import AdminToken, admin_token
-from agent.capture import Tap, TapSet, merge_windows, wait_for
+from agent import metrics
+from agent.admin.pull import PullEndpoint
+from agent.admin.server import UNAUTHENTICATED_PATHS, AdminServer, is_loopback
+from agent.admin.taps import TapSet, merge_windows
+from agent.admin.token import AdminToken, admin_token
+from agent.commands import early_signals, startup_priority
+from agent.commands.reload import LiveParts, Reloader
 from agent.config import Config, ConfigError, split_host_port
 from agent.model import CPU, OFF_CPU, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
-from agent.pprof.builder import build_pprof
-from agent.pull import PullEndpoint, without_kernel_addresses
-from agent.reload import LiveParts, Reloader
 from agent.sinks import Sink, remote
 from agent.sinks.local_store import LocalStore
 from agent.sinks.remote import RemoteStoreConfig
-from agent.window_flow import profile_samples, window_profiles
+from agent.util import sdnotify
+from agent.window_flow import window_profiles
 
 log = logging.getLogger(__name__)
-
-TAP_TICK_SECONDS = 1.0  # drain this often while an on-demand capture is open
 
 
 def check_http_exposure(config: Config) -> None:
@@ -151,17 +150,6 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def tap_profile(pipeline: Pipeline, tap: Tap) -> bytes:
-    """The pprof of one on-demand capture (built on the window loop's thread)."""
-    window = merge_windows(tap.windows) or Window(tap.start_ns, time.time_ns(), ())
-    duration = max(window.end_ns - tap.start_ns, 1)
-    stacks = window.off_cpu if tap.kind == OFF_CPU else window.samples
-    samples = [s for group in profile_samples(stacks, pipeline.stages).values() for s in group]
-    samples = without_kernel_addresses(samples)  # served over HTTP: no KASLR leak
-    period_ns = 0 if tap.kind == OFF_CPU else pipeline.period_ns
-    return build_pprof(samples, tap.start_ns, duration, period_ns, tap.kind)
-
-
 class WindowLoop:
     """Sample one window after another; drain more often while captures are open."""
 
@@ -206,7 +194,7 @@ class WindowLoop:
         now = time.monotonic()
         if now - self._last_watchdog >= 2.0:
             self._last_watchdog = now
-            sdnotify.notify("WATCHDOG=1")
+            sdnotify.notify(sdnotify.WATCHDOG)
 
     def _sample_one_window(self) -> Window:
         # Windows end on a fixed cadence, so the time spent processing one window does
@@ -217,17 +205,15 @@ class WindowLoop:
         drains: list[Window] = []
         while True:
             had_taps = self.taps.active()
-            tick_end = (
-                min(window_end, time.monotonic() + TAP_TICK_SECONDS) if had_taps else window_end
-            )
-            while not self.stop.is_set() and time.monotonic() < tick_end:
+            drain_at = self.taps.drain_by(window_end)
+            while not self.stop.is_set() and time.monotonic() < drain_at:
                 self.pipeline.capture_new_processes(timeout_ms=200)
                 self._keepalive()
                 if not had_taps and self.taps.active():
                     break  # a capture just opened: drain now so it starts clean
             drain = self.pipeline.sampler.drain()
             drains.append(drain)
-            self.taps.feed(drain, lambda tap: tap_profile(self.pipeline, tap))
+            self.taps.feed(drain, self.pipeline)  # finishes the captures whose time is up
             if self.stop.is_set() or time.monotonic() >= window_end:
                 merged = merge_windows(drains)
                 assert merged is not None  # drains is never empty here
@@ -266,12 +252,8 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
     signals = Signals()
     signals.install()
     taps = TapSet()
-
-    def capture(seconds: float, pid: int | None, kind: str) -> bytes:
-        return wait_for(taps.open(seconds, pid, kind), seconds)
-
     kinds = frozenset({CPU, OFF_CPU} if config.off_cpu else {CPU})
-    PullEndpoint(capture, max_seconds=config.max_profile_seconds, kinds=kinds).register(admin)
+    PullEndpoint(taps.capture, max_seconds=config.max_profile_seconds, kinds=kinds).register(admin)
     admin.set_readiness_check(lambda: sinks_problem(sinks))
     admin.start()
     pipeline = build_pipeline(config)
@@ -279,7 +261,7 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
         pipeline.start()
         startup_priority.end()  # attached: the rest competes at the configured priority
         admin.set_ready()
-        sdnotify.notify("READY=1")
+        sdnotify.notify(sdnotify.READY)
         reloader = None
         if reload_config is not None:
             local = next((s for s in sinks if isinstance(s, LocalStore)), None)
@@ -293,7 +275,7 @@ def run(config: Config, reload_config: Callable[[], Config] | None = None) -> in
             reloader.install()
         WindowLoop(pipeline, sinks, config.window, signals.stop, taps, reloader).run()
     finally:
-        sdnotify.notify("STOPPING=1")
+        sdnotify.notify(sdnotify.STOPPING)
         admin.set_ready(False)
         # Before the pipeline, whose threads may take long to stop.
         lost = sum(sink.close() for sink in sinks)

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from agent import early_signals
+from agent.commands import early_signals
 from agent.config import (
     RECORD,
     RUN,
@@ -142,12 +142,12 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
     check_cache_dir(config)
     if args.command == RUN:
         early_signals.install()  # before the heavy imports and the BPF load
-        from agent.daemon import run
+        from agent.commands.daemon import run
 
         return run(config, reload_config=lambda: build_config(args, args.command))
     check_pid(args.pid)
     if args.command == TOP:
-        from agent.top import run_top_command
+        from agent.commands.top import run_top_command
 
         return run_top_command(
             config,
@@ -156,7 +156,7 @@ def dispatch(args: argparse.Namespace, config: Config) -> int:
             iterations=args.iterations,
             stop=stop_on_signals(),
         )
-    from agent.record import record
+    from agent.commands.record import record
 
     duration = parse_duration_arg("--duration", args.duration)
     return record(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from agent import early_signals
+from agent.commands import early_signals
 from agent.config import Config, ConfigError
 from agent.labels.guard import CardinalityGuard
 from agent.labels.labeler import Labeler

@@ -13,13 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from agent import startup_priority
-from agent.atomic_file import write_atomically
+from agent.commands import startup_priority
 from agent.config import Config, ConfigError
-from agent.flamegraph import render_flamegraph
 from agent.model import CPU, OFF_CPU, ProfileSample, SeriesProfile, Window
 from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
+from agent.render.flamegraph import render_flamegraph
+from agent.util.atomic_file import write_atomically
 from agent.window_flow import merged_profile, window_profiles
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ _U32 = struct.Struct("<I")
 _DISP = struct.Struct("<i")
 _WANTED_TYPES = re.compile(b"[" + bytes([R_X86_64_JUMP_SLOT, R_X86_64_GLOB_DAT]) + b"]")
 
-PltSymbol = tuple[int, int, str, bool]  # vaddr, size, name, is global (as elf.RawSymbol)
+PltSymbol = tuple[int, int, str, bool]  # vaddr, size, name, is global (as reader.RawSymbol)
 
 
 def plt_symbols(elf: ELFFile) -> list[PltSymbol]:

@@ -1,9 +1,10 @@
 """systemd's notify protocol, without libsystemd: READY=1, WATCHDOG=1, STOPPING=1.
 
 Under `Type=notify` systemd passes $NOTIFY_SOCKET, a datagram socket to send state lines to;
-under `WatchdogSec=` it also passes $WATCHDOG_USEC (and $WATCHDOG_PID, the pid meant to
-ping). Outside systemd (a shell, a container) there is no socket and every call is a cheap
-no-op, so the daemon can notify unconditionally. Nothing here raises.
+under `WatchdogSec=` (60 s in systemd/strobe.service) it expects WATCHDOG=1 within that
+interval, and the window loop sends one every 2 s. Outside systemd (a shell, a container)
+there is no socket and every call is a cheap no-op, so the daemon can notify
+unconditionally. Nothing here raises.
 """
 
 from __future__ import annotations
@@ -46,16 +47,3 @@ def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
         log.debug("sd_notify %r to %r failed: %s", state, env.get("NOTIFY_SOCKET"), exc)
         return False
     return True
-
-
-def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
-    """Seconds within which systemd expects WATCHDOG=1, or None when no watchdog applies
-    to this process. Ping at half this interval (as sd_watchdog_enabled(3) advises)."""
-    env = os.environ if environ is None else environ
-    usec = env.get("WATCHDOG_USEC", "")
-    pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
-        return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
-        return None  # meant for another process (e.g. inherited from a parent)
-    return int(usec) / 1_000_000

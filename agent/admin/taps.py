@@ -1,19 +1,28 @@
 """On-demand captures riding on the daemon's sampler.
 
-The daemon owns the only sampler. A pull request (`/debug/pprof/profile?seconds=N`) adds a
-Tap; while any tap is open the window loop drains every second instead of once per window,
-feeds each drain both to the window and to the open taps, and builds a tap's profile on the
-loop's own thread when the tap's time is up (so symbolization stays single-threaded).
+The daemon owns the only sampler. A pull request (`/debug/pprof/profile?seconds=N`, served
+by pull.py) opens a Tap and waits (`TapSet.capture`); while any tap is open the window loop
+drains every second instead of once per window (`TapSet.drain_by`), feeds each drain both to
+the window and to the open taps (`TapSet.feed`), and a tap's profile is built on the loop's
+own thread when the tap's time is up (so symbolization stays single-threaded).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from agent.model import CPU, StackSample, Window
+from agent.model import CPU, OFF_CPU, Location, ProfileSample, StackSample, Window
+from agent.pprof.builder import build_pprof
+from agent.window_flow import profile_samples
+
+if TYPE_CHECKING:
+    from agent.pipeline import Pipeline
+
+TAP_TICK_SECONDS = 1.0  # drain this often while an on-demand capture is open
 
 SampleKey = tuple[int, int, str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -88,7 +97,18 @@ class TapSet:
         with self._lock:
             return bool(self._taps)
 
-    def feed(self, window: Window, finish: Callable[[Tap], bytes]) -> None:
+    def capture(self, seconds: float, pid: int | None, kind: str) -> bytes:
+        """A capture for the HTTP thread: open a tap, wait until the window loop finished it."""
+        return wait_for(self.open(seconds, pid, kind), seconds)
+
+    def drain_by(self, window_end: float) -> float:
+        """When the window loop should drain next: at `window_end`, or within a tick while
+        a capture is open (time.monotonic())."""
+        if self.active():
+            return min(window_end, time.monotonic() + TAP_TICK_SECONDS)
+        return window_end
+
+    def feed(self, window: Window, pipeline: Pipeline) -> None:
         """Give a drain to every open tap; finish the taps whose time is up."""
         now = time.monotonic()
         with self._lock:
@@ -98,7 +118,7 @@ class TapSet:
             tap.feed(window)
             if tap.deadline <= now:
                 try:
-                    tap.result = finish(tap)
+                    tap.result = tap_profile(pipeline, tap)
                 except Exception as exc:  # the requester gets a 500, the loop goes on
                     tap.error = f"{type(exc).__name__}: {exc}"
                 tap.done.set()
@@ -118,3 +138,36 @@ def wait_for(tap: Tap, seconds: float) -> bytes:
     if tap.result is None:
         raise RuntimeError(tap.error or "capture failed")
     return tap.result
+
+
+def tap_profile(pipeline: Pipeline, tap: Tap) -> bytes:
+    """The pprof of one on-demand capture (built on the window loop's thread)."""
+    window = merge_windows(tap.windows) or Window(tap.start_ns, time.time_ns(), ())
+    duration = max(window.end_ns - tap.start_ns, 1)
+    stacks = window.off_cpu if tap.kind == OFF_CPU else window.samples
+    samples = [s for group in profile_samples(stacks, pipeline.stages).values() for s in group]
+    samples = without_kernel_addresses(samples)  # served over HTTP: no KASLR leak
+    period_ns = 0 if tap.kind == OFF_CPU else pipeline.period_ns
+    return build_pprof(samples, tap.start_ns, duration, period_ns, tap.kind)
+
+
+def without_kernel_addresses(samples: Iterable[ProfileSample]) -> list[ProfileSample]:
+    """The samples with every kernel location's address set to 0.
+
+    A raw kernel text address gives away the KASLR base that /proc/kallsyms hides from
+    unprivileged users; a named frame keeps its function name, which is all pprof shows.
+    Each Location object maps to one replacement, so the builder still shares them."""
+    scrubbed: dict[int, Location] = {}
+
+    def scrub(location: Location) -> Location:
+        if not location.kernel or location.address == 0:
+            return location
+        found = scrubbed.get(id(location))
+        if found is None:
+            found = scrubbed[id(location)] = replace(location, address=0)
+        return found
+
+    return [
+        replace(sample, locations=tuple(scrub(loc) for loc in sample.locations))
+        for sample in samples
+    ]

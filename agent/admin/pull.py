@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from collections.abc import Callable
 
 from agent import metrics
-from agent.admin import AdminServer, Response
-from agent.model import CPU, OFF_CPU, Location, ProfileSample
+from agent.admin.server import AdminServer, Response
+from agent.model import CPU, OFF_CPU
 from agent.process.reader import process_exists
 
 log = logging.getLogger(__name__)
@@ -78,28 +77,6 @@ def parse_type(values: list[str] | None, kinds: frozenset[str]) -> str:
     if kind not in kinds:
         raise BadRequest(f"type={kind} needs the agent to run with --off-cpu")
     return kind
-
-
-def without_kernel_addresses(samples: Iterable[ProfileSample]) -> list[ProfileSample]:
-    """The samples with every kernel location's address set to 0.
-
-    A raw kernel text address gives away the KASLR base that /proc/kallsyms hides from
-    unprivileged users; a named frame keeps its function name, which is all pprof shows.
-    Each Location object maps to one replacement, so the builder still shares them."""
-    scrubbed: dict[int, Location] = {}
-
-    def scrub(location: Location) -> Location:
-        if not location.kernel or location.address == 0:
-            return location
-        found = scrubbed.get(id(location))
-        if found is None:
-            found = scrubbed[id(location)] = replace(location, address=0)
-        return found
-
-    return [
-        replace(sample, locations=tuple(scrub(loc) for loc in sample.locations))
-        for sample in samples
-    ]
 
 
 def text(status: int, message: str) -> Response:
