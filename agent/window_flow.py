@@ -3,7 +3,7 @@
 sample (Window) -> resolve process -> symbolize (-> Python frames merged in) -> label
 -> build pprof -> SeriesProfile. A window with off-CPU intervals (--off-cpu) makes a
 second set of profiles from them, kind OFF_CPU, their series told apart by a
-`profile_type="off-cpu"` label. `merged_profile` folds a window's series into one
+`profile_type="off-cpu"` label. `window_profile` makes a window's series of one kind one
 profile (`strobe record`); `profile_samples` stops before the pprof (`strobe top`, the
 pull endpoint's tap).
 The stages are passed in as small callables (`Stages`) so this module is pure glue,
@@ -137,13 +137,16 @@ def series_profile(
     )
 
 
-def merged_profile(
-    profiles: Sequence[SeriesProfile], labels: Labels = (), kind: str = CPU
+def window_profile(
+    window: Window, stages: Stages, period_ns: int, kind: str = CPU
 ) -> SeriesProfile | None:
-    """All series of one kind in a window as one profile (for `strobe record`)."""
-    profiles = [profile for profile in profiles if profile.kind == kind]
-    if not profiles:
+    """All series of one kind in a window as one profile (`strobe record`): one pprof,
+    not one per series first."""
+    stacks = window.off_cpu if kind == OFF_CPU else window.samples
+    by_series = profile_samples(stacks, stages)
+    if not by_series:
         return None
-    samples = [sample for profile in profiles for sample in profile.samples]
-    first = profiles[0]
-    return series_profile(labels, samples, first.start_ns, first.duration_ns, first.period_ns, kind)
+    samples = [sample for _, group in sorted(by_series.items()) for sample in group]
+    duration_ns = max(window.end_ns - window.start_ns, 1)
+    period = 0 if kind == OFF_CPU else period_ns
+    return series_profile((), samples, window.start_ns, duration_ns, period, kind)

@@ -20,7 +20,7 @@ from agent.pipeline import Pipeline, build_pipeline
 from agent.pprof.builder import build_pprof
 from agent.render.flamegraph import render_flamegraph
 from agent.util.atomic_file import write_atomically
-from agent.window_flow import merged_profile, window_profiles
+from agent.window_flow import window_profile
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def symbolized_profile(
         show.write(progress_line(pipeline) + "\n")
     if indexing.is_alive():
         log.warning("symbolize wait (%.3g s) spent: some frames keep ELF names or addresses", wait)
-    profiles = window_profiles(window, pipeline.stages, pipeline.period_ns)
-    return merged_profile(profiles, kind=kind)
+    return window_profile(window, pipeline.stages, pipeline.period_ns, kind)
 
 
 def index_quietly(pipeline: Pipeline, pids: list[int], wait: float) -> None:

@@ -3,6 +3,7 @@ flame graph and flags that turn blocked intervals (Window.off_cpu) into output."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -33,7 +34,7 @@ from agent.sampler.convert import RawOffCpu, to_off_cpu_samples
 from agent.sampler.sampler import OffCpuSettings
 from agent.sinks.proto import profilestore_pb2 as pb
 from agent.sinks.remote import otlp, parca
-from agent.window_flow import Stages, merged_profile, off_cpu_labels, window_profiles
+from agent.window_flow import Stages, off_cpu_labels, window_profile, window_profiles
 from tests.unit import test_pull
 from tests.unit.test_config import config_for
 from tests.unit.test_pull import get
@@ -141,7 +142,7 @@ def test_longest_blocked_first_not_most_intervals() -> None:
     assert [s.user_stack for s in samples] == [(0x2,), (0x3,), (0x1,)]
 
 
-# --- window_flow: window_profiles and merged_profile ---------------------------------
+# --- window_flow: window_profiles and window_profile ----------------------------------
 
 
 def series(proc: ProcessInfo | None, _sample: StackSample) -> tuple[tuple[str, str], ...]:
@@ -200,18 +201,22 @@ def test_window_profiles_make_cpu_and_off_cpu_series() -> None:
     assert sum(s.nanoseconds for s in profile.samples) == 42_000_000
 
 
-def test_merged_profile_takes_one_kind() -> None:
-    profiles = window_profiles(both_kinds(), STAGES, PERIOD_NS)
-    cpu = merged_profile(profiles)
-    off = merged_profile(profiles, kind=OFF_CPU)
+def test_window_profile_takes_one_kind() -> None:
+    cpu = window_profile(both_kinds(), STAGES, PERIOD_NS)
+    off = window_profile(both_kinds(), STAGES, PERIOD_NS, kind=OFF_CPU)
     assert cpu is not None and off is not None
     assert cpu.kind == CPU and off.kind == OFF_CPU
     assert sum(s.count for s in cpu.samples) == 8
     assert sum(s.count for s in off.samples) == 104
     assert value_types(parse_pprof(off.pprof))[1] == ("off_cpu", "nanoseconds")
     assert sum(s.value[1] for s in parse_pprof(off.pprof).sample) == 42_000_000
-    only_cpu = [p for p in profiles if p.kind == CPU]
-    assert merged_profile(only_cpu, kind=OFF_CPU) is None
+    assert cpu.period_ns == PERIOD_NS and off.period_ns == 0
+    assert [list(s.value) for s in parse_pprof(cpu.pprof).sample] == [
+        [5, 5 * PERIOD_NS],
+        [3, 3 * PERIOD_NS],
+    ]
+    only_cpu = dataclasses.replace(both_kinds(), off_cpu=())
+    assert window_profile(only_cpu, STAGES, PERIOD_NS, kind=OFF_CPU) is None
 
 
 def test_a_relabeled_profile_type_gives_way_to_off_cpu() -> None:

@@ -4,7 +4,7 @@ import gzip
 
 from agent.model import Frame, Location, Mapping, ProcessInfo, StackSample, Window
 from agent.pprof.proto import profile_pb2
-from agent.window_flow import Stages, merged_profile, window_profiles
+from agent.window_flow import Stages, window_profile, window_profiles
 
 EXE = Mapping(start=0x400000, end=0x401000, offset=0, path="/usr/bin/app")
 
@@ -72,12 +72,13 @@ def test_one_profile_per_series_and_dropped_series_vanish() -> None:
     assert names == ["kffff0010", "u400010", "u400020"]
 
 
-def test_merged_profile_keeps_every_sample() -> None:
+def test_window_profile_keeps_every_sample() -> None:
     stages = Stages(resolve_process=process, symbolize=symbolize, series_labels=series)
-    merged = merged_profile(window_profiles(window(), stages, period_ns=1))
+    merged = window_profile(window(), stages, period_ns=1)
     assert merged is not None
     assert sum(s.value[0] for s in parse(merged.pprof).sample) == 14
-    assert merged_profile([]) is None
+    no_series = Stages(process, symbolize, series_labels=lambda proc, sample: None)
+    assert window_profile(window(), no_series, period_ns=1) is None
 
 
 def test_vanished_process_still_yields_its_frames() -> None:
@@ -102,7 +103,7 @@ def test_series_labels_are_sample_labels_too() -> None:
             ("comm", "from-relabeling"),  # per process: the sample's own wins
         ),
     )
-    merged = merged_profile(window_profiles(window(), labelled, period_ns=52_631_578))
+    merged = window_profile(window(), labelled, period_ns=52_631_578)
     assert merged is not None
     decoded = parse(merged.pprof)
     strings = decoded.string_table
