@@ -34,7 +34,7 @@ from _harness import Agent  # noqa: E402
 
 from agent.config import Config  # noqa: E402
 from agent.pipeline import build_pipeline  # noqa: E402
-from agent.window_flow import merged_profile, window_profiles  # noqa: E402
+from agent.window_flow import window_profile  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = """
@@ -80,7 +80,7 @@ def strobe_run(pid: int, seconds: float, frequency: int, python: bool) -> tuple[
         window = pipeline.sampler.drain()
     finally:
         pipeline.sampler.close()
-    profile = merged_profile(window_profiles(window, pipeline.stages, pipeline.period_ns))
+    profile = window_profile(window, pipeline.stages, pipeline.period_ns)
     pipeline.close()
     leaves: collections.Counter[str] = collections.Counter()
     for sample in profile.samples if profile else ():
