@@ -1,7 +1,7 @@
 """Short-lived processes against the real kernel: ten 0.3 s CPU burners run one after
-the other; the agent's capture step (Pipeline.capture_new_processes: sampler ring buffer
--> ProcessCache.capture -> BackgroundIndexer.watch) captures each one at its first
-sample; the window is drained only after all of them have exited, and every one of their
+the other (alone, and beside 300 execs/s of /bin/true); the agent's capture step
+(Pipeline.capture_new_processes: sampler ring buffer -> ProcessCache.capture ->
+BackgroundIndexer.watch) captures each one at its first sample; the window is drained only after all of them have exited, and every one of their
 samples must still come out symbolized with the test binary's functions.
 """
 
@@ -116,11 +116,48 @@ def samples_by_pid(captured: Captured) -> dict[int, list[StackSample]]:
     return ours
 
 
+CHURN = """
+import os, signal, sys, time
+rate, count, stopped = int(sys.argv[1]), 0, []
+signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
+start = time.monotonic()
+while not stopped:
+    while count < int((time.monotonic() - start) * rate) and not stopped:
+        pid = os.fork()
+        if pid == 0:
+            os.execv("/bin/true", ["true"])
+        os.waitpid(pid, 0)
+        count += 1
+    time.sleep(0.001)
+print(count / (time.monotonic() - start), flush=True)
+"""
+
+
+@contextmanager
+def background_churn(rate: int) -> Iterator[None]:
+    """/bin/true fork+exec'd `rate` times a second meanwhile (0: none), and checked to
+    have kept at least 80% of that rate."""
+    if not rate:
+        yield
+        return
+    churn = subprocess.Popen([sys.executable, "-c", CHURN, str(rate)], stdout=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        churn.terminate()
+        out, _ = churn.communicate(timeout=30)
+    assert float(out) >= 0.8 * rate, f"the churn kept {float(out):.0f} execs/s"
+
+
+@pytest.mark.parametrize("churn_rate", [0, 300], ids=["alone", "beside_300_execs_per_s"])
 def test_short_lived_processes_are_fully_symbolized(
-    require_bpf: None, c_binaries: Path, tmp_path: Path
+    require_bpf: None, c_binaries: Path, tmp_path: Path, churn_rate: int
 ) -> None:
     binary = c_binaries / "spin_pie"
-    with sample_runs([[str(binary), SECONDS]] * RUNS, tmp_path) as captured:
+    with (
+        background_churn(churn_rate),
+        sample_runs([[str(binary), SECONDS]] * RUNS, tmp_path) as captured,
+    ):
         ours = samples_by_pid(captured)
         assert set(ours) == set(captured.pids), f"samples for {len(ours)} of {RUNS} processes"
         own_functions = defined_functions(binary)
