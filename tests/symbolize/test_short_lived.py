@@ -1,8 +1,9 @@
 """Short-lived processes against the real kernel: ten 0.3 s CPU burners run one after
 the other (alone, and beside 300 execs/s of /bin/true); the agent's capture step
 (Pipeline.capture_new_processes: sampler ring buffer -> ProcessCache.capture ->
-BackgroundIndexer.watch) captures each one at its first sample; the window is drained only after all of them have exited, and every one of their
-samples must still come out symbolized with the test binary's functions.
+BackgroundIndexer.watch) captures each one at its first sample; the window is drained
+only after all of them have exited, and every one of their samples must still come out
+symbolized with the test binary's functions.
 """
 
 from __future__ import annotations
