@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client import Counter, Gauge
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRE_BPF = os.environ.get("STROBE_REQUIRE_BPF") == "1"
@@ -46,6 +47,17 @@ def require_tool(name: str) -> str:
     if REQUIRE_BPF:
         pytest.fail(f"{name} is required in CI; run scripts/setup.sh")
     pytest.skip(f"{name} not installed (run scripts/setup.sh)")
+
+
+def metric_value(metric: Counter | Gauge, **labels: str) -> float:
+    """A counter's or gauge's value for one label set, read through prometheus_client's public
+    collect() rather than its private _value. A series not yet touched reads 0.0, as the agent
+    exports it; a wrong label name raises."""
+    if labels:
+        metric.labels(**labels)  # checks the label names (a new series starts at 0)
+    (family,) = metric.collect()
+    names = (family.name, f"{family.name}_total")  # a counter's sample carries _total
+    return next(s.value for s in family.samples if s.name in names and s.labels == labels)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from agent.model import Location, ProcessInfo
 from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.debuginfod import DebuginfodClient, Status, urls_from
 from agent.symbolize.symbolizer import Symbolizer
-from tests.conftest import require_tool
+from tests.conftest import metric_value, require_tool
 from tests.symbolize.helpers import addr2line, file_offset_of, loader_mappings, symbol_vaddr
 
 BASE = 0x7F9A00000000
@@ -31,11 +31,7 @@ WAIT = 60.0
 
 
 def requests(result: str) -> float:
-    return float(DEBUGINFOD_REQUESTS.labels(result=result)._value.get())
-
-
-def counter(metric: object) -> float:
-    return float(metric._value.get())  # type: ignore[attr-defined]
+    return metric_value(DEBUGINFOD_REQUESTS, result=result)
 
 
 def build_id_of(path: Path) -> str:
@@ -148,7 +144,7 @@ def test_stripped_binary_named_from_a_real_debuginfod(
     symbolizer = Symbolizer(cache_dir=tmp_path / "cache", debuginfod=client, debug_dirs=[])
     indexer = BackgroundIndexer(symbolizer, interval=0.2)
     process = loaded(split.local)
-    ok_before, bytes_before = requests("ok"), counter(DEBUGINFOD_BYTES)
+    ok_before, bytes_before = requests("ok"), metric_value(DEBUGINFOD_BYTES)
     indexer.start()
     try:
         first = at_inner_spin(symbolizer, split, process)
@@ -164,14 +160,14 @@ def test_stripped_binary_named_from_a_real_debuginfod(
     assert [(f.function, f.file, f.line) for f in location.frames] == expected
     assert location.frames[0].file.endswith("spin.c") and location.frames[0].line > 0
     assert requests("ok") == ok_before + 1
-    assert counter(DEBUGINFOD_BYTES) >= bytes_before + split.debug.stat().st_size
+    assert metric_value(DEBUGINFOD_BYTES) >= bytes_before + split.debug.stat().st_size
 
     # Another agent with the same download cache: a disk hit, no request.
-    hits = counter(DEBUGINFOD_CACHE_HITS)
+    hits = metric_value(DEBUGINFOD_CACHE_HITS)
     again = DebuginfodClient([debuginfod_url], tmp_path / "downloads")
     status, path = again.request(split.build_id, "debuginfo", lambda _: None)
     assert status is Status.READY and path is not None and path.read_bytes()[:4] == b"\x7fELF"
-    assert counter(DEBUGINFOD_CACHE_HITS) == hits + 1 and requests("ok") == ok_before + 1
+    assert metric_value(DEBUGINFOD_CACHE_HITS) == hits + 1 and requests("ok") == ok_before + 1
     again.close()
 
 
