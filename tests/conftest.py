@@ -1,4 +1,6 @@
-"""Shared test fixtures. BPF tests need root and a kernel with perf events.
+"""Fixtures shared by more than one test folder (a folder's own are in its conftest.py).
+
+BPF tests need root and a kernel with perf events.
 
 In CI (.ci/run sets STROBE_REQUIRE_BPF=1) a BPF test that cannot run fails instead
 of skipping, so a broken environment can never pass as green.
@@ -9,10 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import Counter, Gauge
+
+from tests.symbolize.debuginfod_server import Split, serving
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRE_BPF = os.environ.get("STROBE_REQUIRE_BPF") == "1"
@@ -77,3 +82,17 @@ def c_binaries(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, args in builds.items():  # libspin.so before uses_lib: dicts keep order
         subprocess.run([gcc, *common, "-o", str(out / name), *args], check=True)
     return out
+
+
+@pytest.fixture
+def split(c_binaries: Path, tmp_path: Path) -> Split:
+    """spin_pie stripped, with its debug file beside it, both in split.served."""
+    objcopy, strip = require_tool("objcopy"), require_tool("strip")
+    return Split(c_binaries / "spin_pie", tmp_path / "split", objcopy, strip)
+
+
+@pytest.fixture
+def debuginfod_url(split: Split, tmp_path: Path) -> Iterator[str]:
+    """A real debuginfod serving split.served, stopped in teardown."""
+    with serving(require_tool("debuginfod"), split, tmp_path / "db.sqlite") as url:
+        yield url
