@@ -22,11 +22,13 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from agent import metrics
 from agent.model import StackSample, Window
 from agent.sampler import Sampler
 from agent.sampler.bpf_syscalls import enable_run_time_stats
 from agent.sampler.convert import SAMPLE_LOSS_REASONS, NewProcess
 from agent.sampler.kernel_headers import running_kernel_headers
+from tests.conftest import metric_value
 
 FREQUENCY = 99
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -155,12 +157,60 @@ def test_spinning_process_is_sampled_with_its_call_chain(
     assert window.end_ns > window.start_ns
 
 
-def test_lost_counts_are_a_dict_by_reason(sampler: Sampler) -> None:
-    time.sleep(0.2)
-    window = sampler.drain()
-    assert set(window.lost) == set(SAMPLE_LOSS_REASONS)
-    assert all(isinstance(n, int) and n >= 0 for n in window.lost.values())
-    assert sampler.pid_events_dropped >= 0
+def test_a_full_counts_map_drops_samples_and_counts_the_reason(
+    require_bpf: None, c_binaries: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """A counts map with room for 2 keys and 4 busy processes (a key each at least): the
+    samples that find no room are dropped in BPF and counted as counts_map_full, in the
+    window and in strobe_samples_lost."""
+    exported = metric_value(metrics.SAMPLES_LOST, reason="counts_map_full")
+    lost: list[dict[str, int]] = []
+    keys: list[int] = []
+    with Sampler(frequency=FREQUENCY, unwinder="fp", counts_entries=2) as small:
+        small.start()
+        small.drain()
+        processes += [subprocess.Popen([str(c_binaries / "spin_pie"), "30"]) for _ in range(4)]
+        deadline = time.monotonic() + 30
+        while sum(w["counts_map_full"] for w in lost) < 20 and time.monotonic() < deadline:
+            time.sleep(0.2)  # a poll: the loop ends on the count, not on the time
+            window = small.drain()
+            lost.append(window.lost)
+            keys.append(len(window.samples))
+    assert all(set(w) == set(SAMPLE_LOSS_REASONS) for w in lost), lost
+    full = sum(w["counts_map_full"] for w in lost)
+    assert full >= 20, lost
+    assert max(keys) <= 2, keys  # what was kept fit the map
+    exported = metric_value(metrics.SAMPLES_LOST, reason="counts_map_full") - exported
+    assert exported == full
+
+
+def test_a_full_stack_map_keeps_the_samples_and_counts_the_collisions(
+    require_bpf: None, c_binaries: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """A stack map of one bucket and 4 busy PIE processes (each its own stack addresses):
+    a user stack whose bucket another stack holds is counted as user_stack_collision, in
+    the window and in strobe_samples_lost, and its sample is kept without the stack."""
+    exported = metric_value(metrics.SAMPLES_LOST, reason="user_stack_collision")
+    windows: list[Window] = []
+    with Sampler(frequency=FREQUENCY, unwinder="fp", stack_entries=1) as small:
+        small.start()
+        small.drain()
+        busy = [subprocess.Popen([str(c_binaries / "spin_pie"), "30"]) for _ in range(4)]
+        processes += busy
+        deadline = time.monotonic() + 30
+        while (
+            sum(w.lost["user_stack_collision"] for w in windows) < 20
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)  # a poll: the loop ends on the count, not on the time
+            windows.append(small.drain())
+    collisions = sum(w.lost["user_stack_collision"] for w in windows)
+    assert collisions >= 20, [w.lost for w in windows]
+    pids = {proc.pid for proc in busy}
+    kept = [s for w in windows for s in w.samples if s.pid in pids and not s.user_stack]
+    assert sum(s.count for s in kept) > 0, "samples without their user stack are dropped"
+    exported = metric_value(metrics.SAMPLES_LOST, reason="user_stack_collision") - exported
+    assert exported == collisions
 
 
 def test_syscall_heavy_process_has_kernel_stacks(

@@ -20,15 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent.pprof.builder import parse_pprof
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO
+from tests.deploy.podman import AGENT_CAPS, CONTAINERS_CONF, HOST_HEADERS, podman_env
 
-IMAGE = "localhost/strobe:test"
-CONTAINERS_CONF = REPO / "tests" / "deploy" / "containers.conf"
-# What the agent needs on kernel >= 5.9 (see docs/deploy.md). The runtime's default seccomp
-# profile allows bpf() and perf_event_open() only with CAP_SYS_ADMIN, so it is lifted here
-# (the Helm chart's default does the same) instead of granting CAP_SYS_ADMIN.
-AGENT_CAPS = "BPF,PERFMON,SYS_PTRACE,CHECKPOINT_RESTORE,SYSLOG,DAC_READ_SEARCH"
-HOST_HEADERS = ["-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro"]
 DOCS = REPO / "docs" / "deploy.md"
 DOCKERFILE = REPO / "Dockerfile"
 # podman run options that take a value (as `--opt=value` or `--opt value`).
@@ -36,26 +30,6 @@ PODMAN_VALUE_OPTIONS = {
     "--name", "--pid", "--uts", "--network", "--cap-drop", "--cap-add", "--security-opt",
     "--ulimit", "-v", "--volume", "-e", "--env",
 }  # fmt: skip
-
-
-def podman_env() -> dict[str, str]:
-    return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    """The agent image, built once per test run (podman reuses unchanged layers)."""
-    for tool in ("podman", "buildah", "runc", "debootstrap"):
-        require_tool(tool)
-    build = subprocess.run(
-        ["bash", str(REPO / "scripts" / "build-image.sh"), "--local-base", "--tag", IMAGE],
-        env=podman_env(),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert build.returncode == 0, f"image build failed:\n{build.stdout[-3000:]}{build.stderr}"
-    return IMAGE
 
 
 def run_agent(image: str, args: list[str], podman: list[str]) -> subprocess.CompletedProcess[str]:

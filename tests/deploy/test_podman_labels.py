@@ -9,11 +9,11 @@ import pytest
 
 from agent.labels.labeler import Labeler
 from agent.process.reader import read_process
-from tests.deploy.test_image import image, podman_env  # noqa: F401 (fixture)
+from tests.deploy.podman import podman_env
 
 
 @pytest.fixture
-def busy_container(require_bpf: None, image: str) -> Iterator[tuple[str, int]]:  # noqa: F811
+def busy_container(require_bpf: None, image: str) -> Iterator[tuple[str, int]]:
     started = subprocess.run(
         [
             "podman",

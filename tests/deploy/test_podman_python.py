@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.pprof.builder import parse_pprof
-from tests.deploy.test_image import image, podman_env  # noqa: F401 (fixture)
+from tests.deploy.podman import podman_env
 
 SCRIPT = """
 def container_leaf(n):
@@ -30,7 +30,7 @@ container_main()
 
 
 @pytest.fixture
-def python_container(require_bpf: None, image: str) -> Iterator[int]:  # noqa: F811
+def python_container(require_bpf: None, image: str) -> Iterator[int]:
     started = subprocess.run(
         ["podman", "run", "-d", "--rm", "--entrypoint", "python3", image, "-c", SCRIPT],
         env=podman_env(),

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.deploy.test_image import AGENT_CAPS, HOST_HEADERS, image, podman_env  # noqa: F401
+from tests.deploy.podman import AGENT_CAPS, HOST_HEADERS, podman_env
 
 
-def test_default_seccomp_profile_is_one_line_with_the_fix(require_bpf: None, image: str) -> None:  # noqa: F811
+def test_default_seccomp_profile_is_one_line_with_the_fix(require_bpf: None, image: str) -> None:
     result = subprocess.run(
         ["podman", "run", "--rm", "--pid=host", "--cap-drop=all", f"--cap-add={AGENT_CAPS}"]
         + [*HOST_HEADERS, image, "record", "--duration", "1", "-o", "/tmp/x.pb.gz"],

@@ -7,9 +7,7 @@ import subprocess
 from pathlib import Path
 
 from tests.integration.test_cli import leaf_functions, strobe
-from tests.symbolize.test_debuginfod import Split, debuginfod_url, split
-
-__all__ = ["debuginfod_url", "split"]  # pytest fixtures, used by name below
+from tests.symbolize.debuginfod_server import Split
 
 
 def test_record_names_a_stripped_binary_from_debuginfod(

@@ -4,16 +4,10 @@ garbage, hanging) cost a counted, negatively cached failure and nothing else."""
 
 from __future__ import annotations
 
-import functools
 import http.server
 import os
-import shutil
-import socket
-import subprocess
 import threading
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,107 +17,15 @@ from agent.model import Location, ProcessInfo
 from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.debuginfod import DebuginfodClient, Status, urls_from
 from agent.symbolize.symbolizer import Symbolizer
-from tests.conftest import require_tool
+from tests.conftest import metric_value
+from tests.symbolize.debuginfod_server import WAIT, Split, wait_until
 from tests.symbolize.helpers import addr2line, file_offset_of, loader_mappings, symbol_vaddr
 
 BASE = 0x7F9A00000000
-WAIT = 60.0
 
 
 def requests(result: str) -> float:
-    return float(DEBUGINFOD_REQUESTS.labels(result=result)._value.get())
-
-
-def counter(metric: object) -> float:
-    return float(metric._value.get())  # type: ignore[attr-defined]
-
-
-def build_id_of(path: Path) -> str:
-    out = subprocess.run(["readelf", "-n", str(path)], capture_output=True, text=True).stdout
-    return next(line.split()[-1] for line in out.splitlines() if "Build ID" in line)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    # debuginfod binds every interface and has no bind option: find a port free on all.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
-class Split:
-    """A program built with DWARF, its stripped copy and its separate debug file."""
-
-    def __init__(self, c_binaries: Path, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.full = c_binaries / "spin_pie"
-        self.served = out / "served"
-        self.served.mkdir()
-        self.debug = self.served / "spin.debug"
-        self.stripped = self.served / "spin"
-        objcopy, strip = require_tool("objcopy"), require_tool("strip")
-        subprocess.run([objcopy, "--only-keep-debug", str(self.full), str(self.debug)], check=True)
-        subprocess.run([strip, "-o", str(self.stripped), str(self.full)], check=True)
-        self.build_id = build_id_of(self.full)
-        self.local = out / "local" / "spin"  # what the "process" maps
-        self.local.parent.mkdir()
-        shutil.copy(self.stripped, self.local)
-
-
-@pytest.fixture
-def split(c_binaries: Path, tmp_path: Path) -> Split:
-    return Split(c_binaries, tmp_path / "split")
-
-
-def scanned(server: subprocess.Popen[bytes], url: str) -> bool:
-    return server.poll() is not None or http_status(url) == 200
-
-
-@pytest.fixture
-def debuginfod_url(split: Split, tmp_path: Path) -> Iterator[str]:
-    """A real debuginfod serving split.served, stopped in teardown."""
-    binary = require_tool("debuginfod")
-    env = {k: v for k, v in os.environ.items() if k != "DEBUGINFOD_URLS"}  # no federation
-    for _ in range(5):
-        port = free_port()
-        server = subprocess.Popen(
-            [binary, "-F", str(split.served), "-p", str(port), "-d", str(tmp_path / "db.sqlite")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        url = f"http://127.0.0.1:{port}"
-        probe = f"{url}/buildid/{split.build_id}/debuginfo"
-        try:
-            wait_until(functools.partial(scanned, server, probe), "debuginfod to scan")
-            if server.poll() is None:
-                yield url
-                return
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=30)
-    pytest.fail("debuginfod did not start on any of 5 free ports")
+    return metric_value(DEBUGINFOD_REQUESTS, result=result)
 
 
 def loaded(binary: Path) -> ProcessInfo:
@@ -148,7 +50,7 @@ def test_stripped_binary_named_from_a_real_debuginfod(
     symbolizer = Symbolizer(cache_dir=tmp_path / "cache", debuginfod=client, debug_dirs=[])
     indexer = BackgroundIndexer(symbolizer, interval=0.2)
     process = loaded(split.local)
-    ok_before, bytes_before = requests("ok"), counter(DEBUGINFOD_BYTES)
+    ok_before, bytes_before = requests("ok"), metric_value(DEBUGINFOD_BYTES)
     indexer.start()
     try:
         first = at_inner_spin(symbolizer, split, process)
@@ -164,14 +66,14 @@ def test_stripped_binary_named_from_a_real_debuginfod(
     assert [(f.function, f.file, f.line) for f in location.frames] == expected
     assert location.frames[0].file.endswith("spin.c") and location.frames[0].line > 0
     assert requests("ok") == ok_before + 1
-    assert counter(DEBUGINFOD_BYTES) >= bytes_before + split.debug.stat().st_size
+    assert metric_value(DEBUGINFOD_BYTES) >= bytes_before + split.debug.stat().st_size
 
     # Another agent with the same download cache: a disk hit, no request.
-    hits = counter(DEBUGINFOD_CACHE_HITS)
+    hits = metric_value(DEBUGINFOD_CACHE_HITS)
     again = DebuginfodClient([debuginfod_url], tmp_path / "downloads")
     status, path = again.request(split.build_id, "debuginfo", lambda _: None)
     assert status is Status.READY and path is not None and path.read_bytes()[:4] == b"\x7fELF"
-    assert counter(DEBUGINFOD_CACHE_HITS) == hits + 1 and requests("ok") == ok_before + 1
+    assert metric_value(DEBUGINFOD_CACHE_HITS) == hits + 1 and requests("ok") == ok_before + 1
     again.close()
 
 

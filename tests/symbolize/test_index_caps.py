@@ -20,7 +20,7 @@ from agent.metrics import BINARY_ERRORS
 from agent.model import Mapping, ProcessInfo
 from agent.symbolize.symbolizer import Symbolizer
 from agent.symbolize.symcache_child import IndexLimits
-from tests.conftest import require_tool
+from tests.conftest import metric_value, require_tool
 from tests.symbolize.helpers import (
     DATA,
     addr2line,
@@ -35,7 +35,7 @@ SMALL_MEMORY = 64 << 20  # the interpreter and a small index fit; the generated 
 
 
 def errors(reason: str) -> float:
-    return float(BINARY_ERRORS.labels(reason=reason)._value.get())
+    return metric_value(BINARY_ERRORS, reason=reason)
 
 
 def loaded(binary: Path) -> ProcessInfo:

@@ -26,7 +26,7 @@ from agent.symbolize.perfmap import (
     status_fields,
 )
 from agent.symbolize.symbolizer import Symbolizer
-from tests.conftest import require_tool
+from tests.conftest import metric_value, require_tool
 from tests.symbolize.helpers import DATA, compile_c, require_root
 
 TIMEOUT = 30.0
@@ -87,8 +87,8 @@ def running_jit(argv: list[str], comm: str) -> Iterator[Jit]:
 
 def jit_counts() -> tuple[float, float]:
     return (
-        float(FRAMES.labels(kind="jit", result="hit")._value.get()),
-        float(FRAMES.labels(kind="jit", result="miss")._value.get()),
+        metric_value(FRAMES, kind="jit", result="hit"),
+        metric_value(FRAMES, kind="jit", result="miss"),
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from agent import metrics
 from agent.admin.server import AdminServer, is_loopback
+from tests.conftest import metric_value
 
 
 @pytest.fixture
@@ -103,11 +104,11 @@ def test_idle_connections_are_bounded_and_dropped() -> None:
     admin = AdminServer("127.0.0.1:0", max_connections=8, idle_seconds=1.0)
     admin.start()
     baseline = threading.active_count()
-    refused_before = metrics.HTTP_CONNECTIONS_REFUSED._value.get()
+    refused_before = metric_value(metrics.HTTP_CONNECTIONS_REFUSED)
     idle = [socket.create_connection(("127.0.0.1", admin.port)) for _ in range(200)]
     try:
         deadline = time.monotonic() + 10
-        while metrics.HTTP_CONNECTIONS_REFUSED._value.get() - refused_before < 150:
+        while metric_value(metrics.HTTP_CONNECTIONS_REFUSED) - refused_before < 150:
             assert threading.active_count() <= baseline + 8  # not a thread per socket
             assert time.monotonic() < deadline, "connections over the bound were not closed"
             time.sleep(0.05)

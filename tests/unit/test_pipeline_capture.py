@@ -21,7 +21,8 @@ from agent.sampler.convert import (
     PidEvent,
     new_processes,
 )
-from tests.unit.test_process_reader import MAPS_A, MAPS_B, counter, fake_proc
+from tests.conftest import metric_value
+from tests.unit.test_process_reader import MAPS_A, MAPS_B, fake_proc
 
 PREPARE_AFTER = 0.02
 BATCH = 0.01
@@ -116,7 +117,7 @@ def test_an_execd_process_still_running_when_due_is_read_again_and_prepared(
 ) -> None:
     """The capture at exec predates the libraries the loader maps (libpython): the due
     process is read again, and prepared with that."""
-    seen = counter(PROCESSES_SEEN)
+    seen = metric_value(PROCESSES_SEEN)
     pipeline, sampler, clock = execd(tmp_path, 8, "make")
     assert sampler.timeouts == [200]
     poll(pipeline, sampler)  # nothing due yet: the poll waits only until it is
@@ -124,7 +125,7 @@ def test_an_execd_process_still_running_when_due_is_read_again_and_prepared(
     clock.now += PREPARE_AFTER
     poll(pipeline, sampler)
     assert sampler.prepared == [(pipeline.processes.get(8), True)]
-    assert counter(PROCESSES_SEEN) == seen + 2  # at exec, and when due
+    assert metric_value(PROCESSES_SEEN) == seen + 2  # at exec, and when due
     clock.now += 1
     poll(pipeline, sampler)
     assert len(sampler.prepared) == 1
@@ -138,11 +139,11 @@ def test_an_execd_process_meeting_unrouted_code_before_it_is_due_is_read_and_pre
     shared library): read again, prepared at once (CI: a 0.5 s Python process got Python
     frames in 8% of its samples when the exec-time capture, without libpython, was
     reused)."""
-    seen = counter(PROCESSES_SEEN)
+    seen = metric_value(PROCESSES_SEEN)
     pipeline, sampler, clock = execd(tmp_path, 9, "cc1")
     poll(pipeline, sampler, PidEvent(9, EVENT_UNKNOWN_MAPPING))
     assert sampler.prepared == [(pipeline.processes.get(9), True)]
-    assert counter(PROCESSES_SEEN) == seen + 2
+    assert metric_value(PROCESSES_SEEN) == seen + 2
     clock.now += 1
     poll(pipeline, sampler)
     assert len(sampler.prepared) == 1  # not again when its time would have come

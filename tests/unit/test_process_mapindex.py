@@ -12,7 +12,8 @@ from agent.metrics import PROCESS_READ_ERRORS
 from agent.model import Mapping, ProcessInfo
 from agent.process.cache import ProcessCache, _Entry
 from agent.process.mapindex import MappingIndex
-from tests.unit.test_process_reader import MAPS_A, counter, fake_proc
+from tests.conftest import metric_value
+from tests.unit.test_process_reader import MAPS_A, fake_proc
 
 
 def linear_find(mappings: Sequence[Mapping], address: int) -> Mapping | None:
@@ -92,10 +93,10 @@ def test_covers_forgets_what_it_knew_when_the_maps_are_replaced(tmp_path: Path) 
 
 def test_an_unreadable_pid_is_read_once_per_window(tmp_path: Path) -> None:
     cache = ProcessCache(proc=tmp_path)
-    before = counter(PROCESS_READ_ERRORS, reason="vanished")
+    before = metric_value(PROCESS_READ_ERRORS, reason="vanished")
     assert cache.get(7) is None
     assert cache.get_covering(7, (0x1800,)) is None
-    assert counter(PROCESS_READ_ERRORS, reason="vanished") == before + 1  # one read
+    assert metric_value(PROCESS_READ_ERRORS, reason="vanished") == before + 1  # one read
     fake_proc(tmp_path, 7, 100, "a", MAPS_A)
     assert cache.get(7) is None  # the window's samples were the vanished process's
     assert cache.capture(7) is not None  # a new process (exec event): read at once

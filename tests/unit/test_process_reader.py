@@ -13,12 +13,8 @@ from agent.metrics import PROCESS_READ_ERRORS, PROCESSES_SEEN
 from agent.process import reader
 from agent.process.cache import ProcessCache
 from agent.process.reader import read_process
+from tests.conftest import metric_value
 from tests.symbolize.helpers import exited_pid, running
-
-
-def counter(metric: object, **labels: str) -> float:
-    child = metric.labels(**labels) if labels else metric  # type: ignore[attr-defined]
-    return float(child._value.get())
 
 
 def test_reads_this_process() -> None:
@@ -36,9 +32,9 @@ def test_reads_this_process() -> None:
 
 
 def test_exited_process_gives_none_and_counts_vanished() -> None:
-    before = counter(PROCESS_READ_ERRORS, reason="vanished")
+    before = metric_value(PROCESS_READ_ERRORS, reason="vanished")
     assert read_process(exited_pid()) is None
-    assert counter(PROCESS_READ_ERRORS, reason="vanished") == before + 1
+    assert metric_value(PROCESS_READ_ERRORS, reason="vanished") == before + 1
 
 
 def test_kernel_thread_has_no_mappings() -> None:
@@ -94,10 +90,10 @@ def test_a_process_that_exits_mid_read_is_not_captured_even_if_its_pid_is_reused
         return exe
 
     monkeypatch.setattr(reader, "read_exe", exit_after_exe)
-    before = counter(PROCESS_READ_ERRORS, reason="vanished")
+    before = metric_value(PROCESS_READ_ERRORS, reason="vanished")
     try:
         assert read_process(first.pid) is None
-        assert counter(PROCESS_READ_ERRORS, reason="vanished") == before + 1
+        assert metric_value(PROCESS_READ_ERRORS, reason="vanished") == before + 1
     finally:
         for successor in successors:
             if successor is not None:
@@ -124,13 +120,13 @@ MAPS_B = "1000-2000 r-xp 00000000 fe:00 22 /bin/b\n"
 def test_cache_reads_once_per_pid_and_start_time(tmp_path: Path) -> None:
     fake_proc(tmp_path, 7, 100, "a", MAPS_A)
     cache = ProcessCache(proc=tmp_path)
-    seen = counter(PROCESSES_SEEN)
+    seen = metric_value(PROCESSES_SEEN)
     first = cache.capture(7)
     assert first is not None and first.mappings[0].path == "/bin/a"
     (tmp_path / "7" / "maps").write_text(MAPS_B)  # same process: no re-read
     assert cache.capture(7) is first
     assert cache.get(7) is first
-    assert counter(PROCESSES_SEEN) == seen + 1
+    assert metric_value(PROCESSES_SEEN) == seen + 1
 
 
 def test_cache_rereads_a_reused_pid(tmp_path: Path) -> None:

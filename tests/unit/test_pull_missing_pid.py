@@ -6,6 +6,7 @@ import subprocess
 
 from agent import metrics
 from agent.admin.pull import PullEndpoint
+from tests.conftest import metric_value
 
 
 def test_missing_pid_is_a_404_with_one_line() -> None:
@@ -17,11 +18,11 @@ def test_missing_pid_is_a_404_with_one_line() -> None:
         calls.append((seconds, pid))
         return b""
 
-    before = metrics.PULL_REQUESTS.labels(result="not_found")._value.get()
+    before = metric_value(metrics.PULL_REQUESTS, result="not_found")
     status, content_type, body, *_ = PullEndpoint(capture)(
         {"seconds": ["1"], "pid": [str(child.pid)]}
     )
     assert status == 404 and content_type.startswith("text/plain")
     assert body == f"process {child.pid} does not exist\n".encode()
     assert calls == []  # nothing sampled for it
-    assert metrics.PULL_REQUESTS.labels(result="not_found")._value.get() == before + 1
+    assert metric_value(metrics.PULL_REQUESTS, result="not_found") == before + 1

@@ -16,6 +16,7 @@ from agent.metrics import BINARY_ERRORS, FRAMES
 from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
 from agent.symbolize.symbolizer import Symbolizer
+from tests.conftest import metric_value
 from tests.symbolize.helpers import (
     address_in_mapping,
     call_without_file_capabilities,
@@ -30,11 +31,11 @@ BASE = 0x7F3400000000
 
 
 def errors(reason: str) -> float:
-    return float(BINARY_ERRORS.labels(reason=reason)._value.get())
+    return metric_value(BINARY_ERRORS, reason=reason)
 
 
 def misses(kind: str = "user") -> float:
-    return float(FRAMES.labels(kind=kind, result="miss")._value.get())
+    return metric_value(FRAMES, kind=kind, result="miss")
 
 
 def fake_process(path: Path) -> ProcessInfo:

@@ -15,7 +15,7 @@ from agent.model import Mapping, ProcessInfo
 from agent.process.reader import read_process
 from agent.symbolize.background_indexer import BackgroundIndexer
 from agent.symbolize.symbolizer import Symbolizer
-from tests.conftest import require_tool
+from tests.conftest import metric_value, require_tool
 from tests.symbolize.helpers import (
     address_in_mapping,
     loader_mappings,
@@ -119,7 +119,7 @@ def test_binary_cache_is_bounded(c_binaries: Path) -> None:
             (location,) = symbolizer.symbolize(process, (address,), ())
             assert location.frames[0].function == function
             assert symbolizer.binary_count() == 1
-            assert SYMBOL_CACHE_BINARIES._value.get() == 1
+            assert metric_value(SYMBOL_CACHE_BINARIES) == 1
 
 
 def test_prepare_beside_symbolize(c_binaries: Path) -> None:

@@ -440,11 +440,11 @@ def test_closing_the_worker_is_prompt_and_writes_nothing_after(
     the exit nor writes into maps that are closing (it used to: EBADF tracebacks)."""
     info = start_sleeper(sleepers)
     maps = MemoryMaps(1_000_000)
-    reading = threading.Event()
+    reading, release = threading.Event(), threading.Event()
 
     def slow_read(pid: int) -> ProcessInfo | None:
         reading.set()
-        time.sleep(3)  # as a big parse would
+        release.wait(timeout=60)  # as a big parse would: it ends after the close
         return info
 
     worker = UnwindWorker(UnwindTables(maps), read=slow_read)
@@ -454,7 +454,8 @@ def test_closing_the_worker_is_prompt_and_writes_nothing_after(
     started = time.monotonic()
     worker.close()
     assert time.monotonic() - started < 1.5
-    time.sleep(3.5)  # the read returns and the prepare runs against closed tables
+    release.set()
+    assert worker.wait_idle(timeout=30)  # the read returned, the prepare ran on closed tables
     assert maps.routes == {} and worker.tables.stats().processes == 0
 
 
