@@ -55,9 +55,9 @@ class StartupPriority:
             target = min(self.autogroup_original, STARTUP_NICE_BOOST)
             self.autogroup_boosted = write_autogroup_nice(autogroup, target)
 
-    def end(self) -> None:
+    def end(self, quiet: bool = False) -> None:
         """Every thread of this process, and the session, back to the original nice
-        (idempotent)."""
+        (idempotent); logged unless quiet."""
         if not self.boosted:
             return
         self.boosted = False
@@ -67,7 +67,8 @@ class StartupPriority:
         if self.autogroup_boosted and self.autogroup_original is not None:
             self.autogroup_boosted = False
             write_autogroup_nice(self.autogroup, self.autogroup_original)
-        log.info("start-up ran at a raised priority; every thread back to nice %d", self.original)
+        if not quiet:
+            log.info("start-up ran at a raised priority; threads back to nice %d", self.original)
 
 
 def boosted(nice: int) -> int:
@@ -98,7 +99,7 @@ def begin() -> None:
     caller, such as a test, keeps its own)."""
     global _startup
     if _startup is None:
-        atexit.register(end)  # the session's autogroup outlives this process
+        atexit.register(_end_at_exit)  # the session's autogroup outlives this process
     _startup = StartupPriority()
 
 
@@ -113,6 +114,12 @@ def end() -> None:
     """Start-up is over (the sampler is attached): back to the original priority."""
     if _startup is not None:
         _startup.end()
+
+
+def _end_at_exit() -> None:
+    """Silently: an exit before start-up ended (a refused flag) says one line, no more."""
+    if _startup is not None:
+        _startup.end(quiet=True)
 
 
 def thread_ids() -> list[int]:

@@ -75,7 +75,6 @@ PERF_FLAG_FD_CLOEXEC = 1 << 3
 _ATTR_DISABLED = 1 << 0  # bits of perf_event_attr's flags word
 _ATTR_FREQ = 1 << 10
 PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
-PERF_EVENT_IOC_DISABLE = 0x2401  # _IO('$', 1)
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 
 # A batch op the kernel lacks for a map type fails with one of these.
@@ -495,7 +494,3 @@ def attach_perf_event(perf_fd: int, prog_fd: int) -> None:
             fcntl.ioctl(perf_fd, request, arg)
         except OSError as exc:
             raise OSError(exc.errno, f"ioctl {what} on perf fd {perf_fd}: {exc.strerror}") from None
-
-
-def disable_perf_event(perf_fd: int) -> None:
-    fcntl.ioctl(perf_fd, PERF_EVENT_IOC_DISABLE, 0)

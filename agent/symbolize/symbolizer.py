@@ -181,12 +181,6 @@ class Symbolizer:
         kernel = self._kernel_locations(kernel_stack, tally)
         return kernel + self._user_locations(process, user_stack, tally)
 
-    def symbolize_user(
-        self, process: ProcessInfo | None, addresses: Sequence[int]
-    ) -> tuple[Location, ...]:
-        """User frames; all but the first are return addresses, looked up at address - 1."""
-        return self._user_locations(process, addresses, self._frame_counts.tally)
-
     def symbolize_address(
         self, process: ProcessInfo | None, address: int, return_address: bool = False
     ) -> Location:

@@ -150,7 +150,7 @@ def with_tables(sampler: Sampler, info: ProcessInfo, enough: int = 120) -> list[
 def function_names(symbolizer: Symbolizer, info: ProcessInfo, stack: tuple[int, ...]) -> list[str]:
     return [
         location.frames[-1].function if location.frames else ""
-        for location in symbolizer.symbolize_user(info, stack)
+        for location in symbolizer.symbolize(info, stack, ())
     ]
 
 
