@@ -46,14 +46,15 @@ class StartupPriority:
         self.autogroup_original = read_autogroup_nice(autogroup)
         self.boosted = False
         self.autogroup_boosted = False
+        self.autogroup_target = 0
         try:
             os.setpriority(os.PRIO_PROCESS, 0, boosted(self.original))
             self.boosted = True
         except OSError:  # no CAP_SYS_NICE: start at the configured priority
             return
         if self.autogroup_original is not None:
-            target = min(self.autogroup_original, STARTUP_NICE_BOOST)
-            self.autogroup_boosted = write_autogroup_nice(autogroup, target)
+            self.autogroup_target = min(self.autogroup_original, STARTUP_NICE_BOOST)
+            self.autogroup_boosted = write_autogroup_nice(autogroup, self.autogroup_target)
 
     def end(self, quiet: bool = False) -> None:
         """Every thread of this process, and the session, back to the original nice
@@ -66,7 +67,10 @@ class StartupPriority:
                 os.setpriority(os.PRIO_PROCESS, tid, self.original)
         if self.autogroup_boosted and self.autogroup_original is not None:
             self.autogroup_boosted = False
-            write_autogroup_nice(self.autogroup, self.autogroup_original)
+            # Only if still ours: another agent of the session that started meanwhile saw
+            # our value as its original, and one that ended first has put it back already.
+            if read_autogroup_nice(self.autogroup) == self.autogroup_target:
+                write_autogroup_nice(self.autogroup, self.autogroup_original)
         if not quiet:
             log.info("start-up ran at a raised priority; threads back to nice %d", self.original)
 

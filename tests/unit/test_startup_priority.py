@@ -123,3 +123,37 @@ def test_start_up_raises_the_sessions_autogroup_and_puts_it_back() -> None:
     assert autogroup_run(-10, "end") == [-10, -10, -10]
     assert autogroup_run(-15, "end") == [-15, -15, -15]
     assert autogroup_run(5, "end") == [STARTUP_NICE_BOOST, 5, 5]
+
+
+TWO_AGENTS = """
+import sys
+from pathlib import Path
+from agent.commands.startup_priority import StartupPriority
+first = StartupPriority()
+second = StartupPriority()  # started while the first was raised: sees -10 as original
+ending = [first, second] if sys.argv[1] == "first" else [second, first]
+for priority in ending:
+    priority.end(quiet=True)
+print(Path("/proc/self/autogroup").read_text().split()[-1])
+"""
+
+
+@pytest.mark.parametrize("ends_first", ["first", "second"])
+def test_two_agents_of_one_session_leave_it_as_they_found_it(ends_first: str) -> None:
+    """Whichever ends first, the session goes back to 0, not to the -10 that the second
+    agent took for the original."""
+    if not Path("/proc/self/autogroup").exists():
+        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
+    if os.geteuid() != 0:
+        if REQUIRE_BPF:
+            pytest.fail("raising a priority needs root")
+        pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_AGENTS, ends_first],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    )
+    assert result.stdout.split() == ["0"], result.stdout
