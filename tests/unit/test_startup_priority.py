@@ -90,6 +90,15 @@ if sys.argv[2] == "end":
 """
 
 
+def require_autogroups_and_root() -> None:
+    if not Path("/proc/self/autogroup").exists():
+        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
+    if os.geteuid() != 0:
+        if REQUIRE_BPF:  # CI runs as root: there these tests must run
+            pytest.fail("raising a priority needs root")
+        pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
+
+
 def autogroup_run(before: int, end: str) -> list[int]:
     """begin() (then end(), or just exit) in a session of its own, whose autogroup a
     shell that stays in the session reads afterwards."""
@@ -108,12 +117,7 @@ def autogroup_run(before: int, end: str) -> list[int]:
 def test_start_up_raises_the_sessions_autogroup_and_puts_it_back() -> None:
     """With autogroups the scheduler shares CPUs between sessions first: a thread's nice
     alone does not help against busy processes in other sessions."""
-    if not Path("/proc/self/autogroup").exists():
-        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
-    if os.geteuid() != 0:
-        if REQUIRE_BPF:
-            pytest.fail("raising a priority needs root")
-        pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
+    require_autogroups_and_root()
     during, after_end, session_after = autogroup_run(0, "end")
     assert (during, after_end, session_after) == (STARTUP_NICE_BOOST, 0, 0)
     during, session_after = autogroup_run(0, "exit")  # no end(): put back at exit
@@ -142,12 +146,7 @@ print(Path("/proc/self/autogroup").read_text().split()[-1])
 def test_two_agents_of_one_session_leave_it_as_they_found_it(ends_first: str) -> None:
     """Whichever ends first, the session goes back to 0, not to the -10 that the second
     agent took for the original."""
-    if not Path("/proc/self/autogroup").exists():
-        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
-    if os.geteuid() != 0:
-        if REQUIRE_BPF:
-            pytest.fail("raising a priority needs root")
-        pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
+    require_autogroups_and_root()
     result = subprocess.run(
         [sys.executable, "-c", TWO_AGENTS, ends_first],
         cwd=REPO,
