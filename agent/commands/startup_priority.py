@@ -15,11 +15,12 @@ With autogroups on (kernel.sched_autogroup_enabled, the default of most distribu
 and no CPU cgroup of its own, the scheduler first shares the CPUs between sessions, and a
 thread's nice only orders it within its session: beside 20 busy loops each in its own
 session the thread nice alone gained nothing (BENCHMARKS.md §13a). So the session's
-autogroup is raised by the same step for start-up, and put back with the threads. That
+autogroup is raised to nice -10 too for start-up, and put back with the threads (only if
+it still holds that value: another agent of the session may have put it back already). That
 also raises whatever else runs in the agent's session (the shell of `strobe record`; a
 service is a session of its own) for that second. An autogroup outlives the agent while
 its session lives, so it is put back at exit too, and raised to an absolute nice (-10, or
-lower if set so) rather than by a step: an agent killed before it could put it back does
+left lower if set so) rather than by a step: an agent killed before it could put it back does
 not make the next one raise it further.
 """
 

@@ -101,7 +101,7 @@ class FoundSymbols:
     def add(self, value: int, size: int, name: str, is_global: bool) -> None:
         raw = name.encode("utf-8", "surrogateescape")
         if raw:
-            self._append(value, size, is_global, raw[0], len(self._extra))
+            self._append(value, size, is_global, raw[0], ref=len(self._extra))
             self._extra += raw + b"\0"
 
     def add_table(self, data: bytes, strings: bytes, elfclass: int, little_endian: bool) -> None:
@@ -122,14 +122,15 @@ class FoundSymbols:
                 continue
             if name_offset >= len(strings) or not strings[name_offset]:
                 continue
-            self._append(value, size, info >> 4 == STB_GLOBAL, strings[name_offset], 0)
-            self.refs[-1] = table | name_offset
+            self._append(
+                value, size, info >> 4 == STB_GLOBAL, strings[name_offset], table | name_offset
+            )
 
-    def _append(self, value: int, size: int, is_global: bool, first: int, offset: int) -> None:
+    def _append(self, value: int, size: int, is_global: bool, first: int, ref: int) -> None:
         self.values.append(value)
         self.sizes.append(size)
         self.ranks.append((size > 0) << 2 | is_global << 1 | (first != 0x5F))  # 0x5F: "_"
-        self.refs.append(offset)
+        self.refs.append(ref)
 
     def name(self, index: int) -> bytes:
         ref = self.refs[index]
